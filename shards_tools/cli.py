@@ -1,0 +1,121 @@
+"""`unfused-shards`: build, verify and inspect WebDataset audio shards.
+
+Exit codes:
+  build   0 all inputs built; 3 built, but some inputs were rejected (see OUT/<split>/rejected.jsonl);
+          2 the source itself is unusable (missing, no path column, ...)
+  verify  0 every split matches its manifest; 1 a mismatch (one line per bad split, naming the shard);
+          2 no dataset found
+  stats   0; 2 no dataset found or an unreadable shard
+  merge   2 (not implemented yet)
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from shards_tools.sources import SourceError
+from unfused_dist.audio.io import TARGET_SR
+from unfused_dist.data.manifest import ManifestError
+
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unfused-shards", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{build,verify,stats,merge}")
+
+    b = sub.add_parser("build", help="build OUT/<split>/ shards from a folder or CSV manifest")
+    b.add_argument("src", help="folder of audio (recursive) or CSV with a path/files/wav column "
+                               "[+ label] [+ split]")
+    b.add_argument("out", help="output folder; one sub-folder per split")
+    b.add_argument("--workers", type=int, default=None, help="decode processes (default: all CPUs)")
+    b.add_argument("--shard-samples", type=int, default=1000, help="samples per shard (default 1000)")
+    b.add_argument("--shard-mb", type=float, default=None, help="also start a new shard before this size (MB)")
+    b.add_argument("--sample-rate", type=int, default=TARGET_SR, help=f"output rate (default {TARGET_SR})")
+    b.add_argument("--labels-from-dirs", action="store_true", help="folder source: label = parent folder name")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
+    v.add_argument("out", help="a split dir or a folder of split dirs")
+
+    s = sub.add_parser("stats", help="clips, hours, per-label counts, duration min/mean/max")
+    s.add_argument("out", help="a split dir or a folder of split dirs")
+
+    m = sub.add_parser("merge", help="(not implemented yet)")
+    m.add_argument("args", nargs="*")
+    return p
+
+
+def _build(args: argparse.Namespace, argv: list[str]) -> int:
+    from shards_tools.build import build
+
+    if args.shard_samples < 1 or (args.shard_mb is not None and args.shard_mb <= 0):
+        print("unfused-shards build: --shard-samples and --shard-mb must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    summaries = build(args.src, args.out, workers=args.workers, shard_samples=args.shard_samples,
+                      shard_mb=args.shard_mb, sample_rate=args.sample_rate,
+                      labels_from_dirs=args.labels_from_dirs, command=shlex.join(["unfused-shards", *argv]),
+                      progress=not args.quiet)
+    for s in summaries:
+        print(s.line())
+    rejected = sum(s.rejected for s in summaries)
+    if rejected:
+        print(f"{rejected} inputs rejected: see rejected.jsonl in each split folder (exit code 3)",
+              file=sys.stderr)
+        return EXIT_REJECTED
+    return EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from shards_tools.verify import verify
+
+    reports, errors = verify(args.out)
+    for r in reports:
+        print(r.line())
+    for e in errors:
+        print(e, file=sys.stderr)
+    return EXIT_MISMATCH if errors else EXIT_OK
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from shards_tools.stats import stats
+    from shards_tools.verify import VerifyError
+
+    try:
+        result = stats(args.out)
+    except VerifyError as e:
+        print(f"unfused-shards stats: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if not result:
+        print(f"unfused-shards stats: {args.out}: no manifest.json here or in its sub-folders", file=sys.stderr)
+        return EXIT_USAGE
+    for st in result:
+        print("\n".join(st.lines()))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "build":
+            return _build(args, argv)
+        if args.cmd == "verify":
+            return _verify(args)
+        if args.cmd == "stats":
+            return _stats(args)
+        print("unfused-shards merge: not implemented yet", file=sys.stderr)
+        return EXIT_USAGE
+    except (SourceError, ManifestError) as e:
+        print(f"unfused-shards {args.cmd}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"unfused-shards {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Deterministic demo corpora (kws, langid, instrument, pool) built from Debian packages; see __main__."""

@@ -1,0 +1,43 @@
+"""Stage artefact directories: `done.json` written last (atomic rename) marks a finished stage."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+DONE = "done.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def is_done(directory: Path) -> bool:
+    return (Path(directory) / DONE).is_file()
+
+
+def read_done(directory: Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / DONE).read_text())
+
+
+def mark_done(directory: Path, info: dict[str, Any]) -> None:
+    atomic_write_text(Path(directory) / DONE, json.dumps({"finished": time.time(), **info}, indent=1))
+
+
+def reset(directory: Path) -> None:
+    """A stage dir without done.json is from a run killed half-way: its artefacts are not trusted.
+    Checkpoints (ckpt/) are kept so that training resumes."""
+    directory = Path(directory)
+    if directory.exists() and not is_done(directory):
+        for child in directory.iterdir():
+            if child.name == "ckpt":
+                continue
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    directory.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,94 @@
+"""`unfused run STAGE|pipeline -c CONFIG [key=value ...]`, `unfused status RUN` (launch/cancel: SLURM, later)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .artefacts import is_done
+from .config import Config, ConfigError, load_config, save_config
+from .errors import UnfusedError
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Save the resolved config in the run dir; refuse a run dir that holds a different config, since its
+    finished stages would be skipped and silently reused."""
+    path = cfg.run.path / "config.yaml"
+    if os.environ.get("RANK", "0") != "0":
+        return path
+    if path.exists():
+        old = load_config(path)
+        if old.hash() != cfg.hash():
+            diff = _diff(old.to_dict(), cfg.to_dict())
+            raise ConfigError(f"{path}: this run dir holds a run with a different config ({', '.join(diff[:4])}); "
+                              "choose another run.dir or delete the directory")
+    else:
+        save_config(cfg, path)
+    return path
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in a.keys() | b.keys():
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _diff(a[k], b[k], prefix + k + ".")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return sorted(out)
+
+
+def cmd_run(args) -> None:
+    from .pipeline import run_pipeline, run_stage
+
+    cfg = load_config(args.config, args.overrides)
+    config_path = prepare_run_dir(cfg)
+    if args.stage == "pipeline":
+        run_pipeline(cfg, config_path)
+    else:
+        run_stage(cfg, args.stage)
+
+
+def cmd_status(args) -> None:
+    from .pipeline import stage_dir, stage_names
+
+    cfg = load_config(Path(args.run) / "config.yaml")
+    for name in stage_names(cfg):
+        d = stage_dir(cfg, name)
+        state = "-" if d is None else ("done" if is_done(d) else ("started" if d.exists() else "pending"))
+        print(f"{name:28s} {state}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="unfused", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one stage or the whole pipeline on this machine")
+    run.add_argument("stage", help="pipeline | pretrain | pseudolabel | distill | finetune-<row> | evaluate")
+    run.add_argument("-c", "--config", default=None, help="YAML config (default: built-in defaults)")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.dir=runs/x pretrain.epochs=3")
+    status = sub.add_parser("status", help="stages of a run directory and whether they finished")
+    status.add_argument("run")
+    for name in ("launch", "cancel"):
+        sub.add_parser(name, help="SLURM launcher (not available yet)")
+    # Overrides may stand before or after -c: argparse leaves the later ones unparsed, so collect them.
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if "=" not in a or a.startswith("-")]
+    if bad or (extra and args.command != "run"):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if args.command == "run":
+        args.overrides = list(args.overrides) + extra
+    try:
+        if args.command == "run":
+            cmd_run(args)
+        elif args.command == "status":
+            cmd_status(args)
+        else:
+            raise UnfusedError(f"'unfused {args.command}' (SLURM launcher) is not available yet; "
+                               "use `unfused run` on this machine")
+    except UnfusedError as e:
+        print(f"unfused: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Typed configuration: dataclasses per component, YAML load, dotted `key=value` overrides, validation.
+
+Every key a user can write is a field below. An unknown key is a one-line error naming the key and the
+nearest valid one; a value of the wrong type is a one-line error naming the key and the expected type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .audio.frontend import FrontendConfig
+from .errors import UnfusedError
+
+
+class ConfigError(UnfusedError, ValueError):
+    """A bad config file, key or value; the message is one line a user can act on."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    dir: str = ""  # empty: runs/<name>
+    seed: int = 0
+    nproc: int = 1  # processes per training stage when run locally (torchrun on this machine)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir or f"runs/{self.name}")
+
+
+@dataclass
+class DataConfig:
+    pool: str = "data/demo/shards/pool/train"  # unlabelled pre-training dataset (one split dir)
+    target: str = "data/demo/shards/kws"  # labelled target dataset: a folder with train/ val/ test/ splits
+    task: str = "kws"  # name shown in the report
+    eval_seconds: float = 1.0  # deterministic centre crop (pad if shorter) for embedding and evaluation
+    num_workers: int = 1  # DataLoader workers per rank
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | constant
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 1
+    precision: str = "fp32"  # fp32 | bf16
+    grad_accum: int = 1
+    grad_clip: float = 0.0  # 0: off
+    save_every_steps: int = 200  # 0: off
+    save_every_minutes: float = 10.0  # at epoch ends; the last epoch is always saved
+
+
+@dataclass
+class PretrainConfig:
+    n_fc: int = 3
+    batch_size: int = 64
+    epochs: int = 2
+    max_steps: int = 0  # 0: epochs decide
+    ema: float = 0.999
+    proj_dim: int = 128
+    n_clusters: int = 128
+    temperature: float = 0.1
+    cluster_temperature: float = 1.0
+    cluster_weight: float = 1.0
+    mixup_ratio: float = 0.4
+    norm_clips: int = 512  # clips used to estimate the log-mel mean/std stored with the encoder
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", lr=1e-3, weight_decay=1e-4,
+                                                                   warmup_steps=20))
+
+
+@dataclass
+class PseudoLabelConfig:
+    k: int = 32
+    pca_dim: int = 128
+    iterations: int = 20
+    layer: str = "final"  # final (clip embedding) | block1 (x1, as in the authors' code)
+    max_points_per_centroid: int = 100000  # set explicitly: FAISS's default 256 silently subsamples
+    batch_size: int = 128
+
+
+@dataclass
+class DistillConfig:
+    n_fc: int = 2
+    batch_size: int = 64
+    epochs: int = 5
+    max_steps: int = 0
+    head_ce: float = 0.7
+    kl: float = 0.3
+    cosine: float = 0.003
+    mixup_ratio: float = 0.4
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="sgd", lr=0.03, warmup_steps=10))
+
+
+@dataclass
+class FinetuneConfig:
+    rows: list[str] = field(default_factory=lambda: ["scratch", "teacher_probe", "teacher_finetune",
+                                                     "unfused_probe", "unfused_finetune"])
+    labels_per_class: int = 0  # 0: every labelled training clip; N: a seeded budget of N clips per class
+    batch_size: int = 32
+    epochs: int = 10
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=1e-3, weight_decay=0.0))
+    probe_epochs: int = 100
+    probe_optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=1e-3,
+                                                                         weight_decay=0.0, schedule="constant"))
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    audio: FrontendConfig = field(default_factory=FrontendConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `a.b=value` overrides (values parsed as YAML scalars/lists)."""
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found (see configs/ for examples)") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections (run:, data:, ...)")
+    cfg = _build(Config, raw, prefix="", where=where)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. run.dir=runs/x")
+        _set_dotted(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "", where="command line")
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _build(cls, raw: dict[str, Any], prefix: str, where: str):
+    obj = cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.')}' must be a mapping, got {type(raw).__name__}")
+    for key, value in raw.items():
+        _set_dotted(obj, str(key), value, where=where, prefix=prefix)
+    return obj
+
+
+def _set_dotted(obj, dotted: str, value: Any, where: str, prefix: str = "") -> None:
+    head, _, rest = dotted.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    full = prefix + head
+    if head not in fields:
+        valid = [prefix + n for n in fields]
+        near = difflib.get_close_matches(full, valid, n=1) or difflib.get_close_matches(full, _all_keys(), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(valid)})"
+        raise ConfigError(f"{where}: unknown key '{full}'{hint}")
+    ftype = typing.get_type_hints(type(obj))[head]
+    current = getattr(obj, head)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            _set_dotted(current, rest, value, where, prefix=full + ".")
+        else:
+            setattr(obj, head, _build(type(current), value, prefix=full + ".", where=where))
+        return
+    if rest:
+        raise ConfigError(f"{where}: '{full}' is a value, not a section; cannot set '{prefix + dotted}'")
+    setattr(obj, head, _coerce(value, ftype, full, where))
+
+
+def _coerce(value: Any, ftype, key: str, where: str):
+    origin = typing.get_origin(ftype)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ftype) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], key, where)
+    if origin is list:
+        (item,) = typing.get_args(ftype)
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(v, item, key, where) for v in value]
+    if ftype is float and not isinstance(value, bool):
+        try:  # YAML 1.1 reads '1e-3' as a string
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    if ftype is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, ftype) and not (ftype is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: '{key}' expects {ftype.__name__}, got {value!r}")
+
+
+def _all_keys(cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        t = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(t):
+            keys += _all_keys(t, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys

@@ -1,0 +1,129 @@
+"""Pieces every stage shares: sample transforms, normalisation stats, embedding a split, labelled subsets."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..audio.frontend import FrontendConfig, LogMel, Normalizer, centre_crop, random_crop
+from ..config import Config
+from ..data.loader import ShardSource, ShardStream, make_loader
+from ..data.shards import RawSample
+from ..engine.distributed import is_main, rank_world
+from ..models.encoder import AudioNTT
+
+
+class Features(nn.Module):
+    """waveform batch -> normalised log-mel (B, 1, mels, frames)."""
+
+    def __init__(self, audio: FrontendConfig, mean: float, std: float):
+        super().__init__()
+        self.logmel, self.norm = LogMel(audio), Normalizer(mean, std)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.logmel(wave))
+
+
+def train_transform(audio: FrontendConfig, with_label: str | None):
+    """Random 0.95 s crop; with_label: None, 'label' (true label id) or 'cls' (pseudo-label)."""
+    def transform(sample: RawSample, rng: np.random.Generator):
+        wave = random_crop(sample.audio(audio.sample_rate), audio.crop_samples, rng)
+        if with_label is None:
+            return (wave,)
+        return wave, (sample.cls() if with_label == "cls" else sample.label_id)
+    return transform
+
+
+def eval_transform(audio: FrontendConfig, seconds: float):
+    n = int(round(seconds * audio.sample_rate))
+
+    def transform(sample: RawSample, rng: np.random.Generator):
+        return centre_crop(sample.audio(audio.sample_rate), n), sample.label_id, sample.key
+    return transform
+
+
+def with_labels(source: ShardSource) -> ShardSource:
+    """Attach label ids (manifest vocabulary order) to samples as they are read."""
+    index = source.manifest.label_index
+    original = source.iter_shard
+
+    def iter_shard(i):
+        for s in original(i):
+            label = s.meta().get("label")
+            s.label_id = index[label] if label in index else -1
+            yield s
+    source.iter_shard = iter_shard
+    return source
+
+
+def norm_stats(source: ShardSource, audio: FrontendConfig, n_clips: int) -> tuple[float, float]:
+    """Scalar mean/std of log-mel over the first n clips (centre crops) of a split [ours, METHOD.md]."""
+    logmel = LogMel(audio)
+    values = []
+    seen = 0
+    for i in range(len(source.counts)):
+        for s in source.iter_shard(i):
+            values.append(logmel(torch.from_numpy(centre_crop(s.audio(audio.sample_rate),
+                                                              audio.crop_samples))[None]).flatten())
+            seen += 1
+            if seen >= n_clips:
+                break
+        if seen >= n_clips:
+            break
+    x = torch.cat(values)
+    return float(x.mean()), float(x.std())
+
+
+@torch.no_grad()
+def embed_split(encoder: AudioNTT, features: Features, source: ShardSource, cfg: Config, pooling: str,
+                desc: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Frozen-encoder embeddings of every clip of a split, in shard order: keys, (N, D) float32, label ids.
+    pooling: 'embedding' (mean+max over time), 'mean' (mean over time), 'block1' (x1)."""
+    encoder.eval()
+    stream = ShardStream(with_labels(source), eval_transform(cfg.audio, cfg.data.eval_seconds), seed=0,
+                         shuffle=False)
+    loader = make_loader(stream, cfg.pseudolabel.batch_size, cfg.data.num_workers, drop_last=False)
+    keys, embs, labels = [], [], []
+    with tqdm(total=sum(source.counts), desc=desc, unit="clip", disable=not is_main(), dynamic_ncols=True) as bar:
+        for wave, label, key in loader:
+            out = encoder(features(wave))
+            emb = {"embedding": out.embedding, "mean": out.mean}.get(pooling)
+            embs.append((out.blocks[0] if emb is None else emb).numpy())
+            labels.append(label.numpy())
+            keys += key
+            bar.update(len(key))
+    return keys, np.concatenate(embs), np.concatenate(labels)
+
+
+def labelled_subset(source: ShardSource, per_class: int, seed: int) -> ShardSource:
+    """A seeded budget of `per_class` clips per class (0: all), chosen by hashing keys so it does not
+    depend on shard order; returns a source restricted to those keys with exact per-shard counts."""
+    if per_class <= 0:
+        return source
+    by_label: dict[str, list[tuple[str, str, int]]] = {}
+    for i in range(len(source.counts)):
+        for s in source.iter_shard(i):  # reads JSON members only: audio is decoded lazily
+            h = hashlib.md5(f"{seed}:{s.key}".encode()).hexdigest()
+            by_label.setdefault(s.meta().get("label"), []).append((h, s.key, i))
+    chosen = [item for items in by_label.values() for item in sorted(items)[:per_class]]
+    counts = [0] * len(source.counts)
+    for _, _, i in chosen:
+        counts[i] += 1
+    return ShardSource(source.split_dir, source.labels_dir, keys=frozenset(k for _, k, _ in chosen), counts=counts)
+
+
+def tensor_batches(n: int, batch: int, seed: int, epoch: int):
+    """Index batches of an in-memory set for this rank: a seeded permutation per epoch, split evenly."""
+    rank, world = rank_world()
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    per_rank = n // world
+    mine = perm[rank * per_rank:(rank + 1) * per_rank]
+    return [mine[i:i + batch] for i in range(0, per_rank - batch + 1, batch)] or [mine]
+
+
+def split_dir(cfg: Config, split: str) -> Path:
+    return Path(cfg.data.target) / split

@@ -1,0 +1,67 @@
+"""Collect every row's metrics, add the simple baseline of DATA.md measured on the same labelled clips,
+and write results.json, results.md and PNG plots in the run directory."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from ..artefacts import atomic_write_text, is_done
+from ..audio.frontend import LogMel
+from ..config import Config
+from ..data.loader import ShardSource, ShardStream, make_loader
+from ..metrics.report import plot_accuracies, plot_losses, results_markdown
+from .common import eval_transform, labelled_subset, split_dir, with_labels
+
+
+def run(cfg: Config) -> dict:
+    root = cfg.run.path
+    rows = []
+    for row in cfg.finetune.rows:
+        d = root / "finetune" / row
+        if not is_done(d):
+            raise FileNotFoundError(f"{d}: row '{row}' has not finished; run `unfused run pipeline` first")
+        rows.append(json.loads((d / "metrics.json").read_text()))
+    train = ShardSource(split_dir(cfg, "train"))
+    classes = len(train.manifest.labels or [])
+    pl = root / "pseudolabel" / "report.json"
+    results = {"task": cfg.data.task, "classes": classes, "chance": 1 / max(classes, 1), "rows": rows,
+               "baseline": simple_baseline(cfg), "config_hash": cfg.hash(),
+               "pseudolabels": {k: v for k, v in json.loads(pl.read_text()).items()
+                                if k in ("k", "nmi_vs_true_labels", "purity", "points")} if pl.exists() else None}
+    atomic_write_text(root / "results.json", json.dumps(results, indent=1))
+    table = results_markdown(results)
+    atomic_write_text(root / "results.md", table)
+    plot_accuracies(results, root / "results.png")
+    plot_losses({"pretrain": root / "pretrain" / "history.json", "distill": root / "distill" / "history.json",
+                 "unfused_finetune": root / "finetune" / "unfused_finetune" / "history.json"}, root / "losses.png")
+    print(table)
+    return results
+
+
+@torch.no_grad()
+def _logmel_stats(cfg: Config, source: ShardSource) -> tuple[np.ndarray, np.ndarray]:
+    logmel = LogMel(cfg.audio)
+    stream = ShardStream(with_labels(source), eval_transform(cfg.audio, cfg.data.eval_seconds), 0, shuffle=False)
+    xs, ys = [], []
+    for wave, label, _ in make_loader(stream, 256, cfg.data.num_workers, drop_last=False):
+        m = logmel(wave)[:, 0]
+        xs.append(torch.cat([m.mean(-1), m.std(-1)], 1).numpy())
+        ys.append(label.numpy())
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def simple_baseline(cfg: Config) -> dict:
+    """DATA.md's reference: log-mel mean/std per band + logistic regression, trained on the same clips."""
+    train = labelled_subset(ShardSource(split_dir(cfg, "train")), cfg.finetune.labels_per_class, cfg.run.seed)
+    x, y = _logmel_stats(cfg, train)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x, y)
+    scores = {}
+    for split in ("val", "test"):
+        xs, ys = _logmel_stats(cfg, ShardSource(split_dir(cfg, split)))
+        scores[f"{split}_acc"] = float(model.score(xs, ys))
+    return scores

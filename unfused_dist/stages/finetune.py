@@ -1,0 +1,174 @@
+"""Stage 4: fine-tuning (or linear probing) on the real labels; the model is selected on the validation
+split and only then scored on the test split. One row of the results table per call."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..artefacts import atomic_write_text, mark_done, reset
+from ..config import Config
+from ..data.loader import ShardSource, ShardStream, make_loader
+from ..engine.distributed import barrier, init_distributed, is_main
+from ..engine.export import load_encoder
+from ..engine.trainer import Trainer, write_history
+from ..models.encoder import AudioNTT, count_parameters
+from .common import Features, embed_split, eval_transform, labelled_subset, norm_stats, split_dir, \
+    tensor_batches, train_transform, with_labels
+
+# row -> (stage whose encoder initialises it, or None for random init; full fine-tuning or linear probe)
+ROWS = {
+    "scratch": (None, "finetune"),
+    "teacher_probe": ("pretrain", "probe"),
+    "teacher_finetune": ("pretrain", "finetune"),
+    "unfused_probe": ("distill", "probe"),
+    "unfused_finetune": ("distill", "finetune"),
+}
+
+
+class Classifier(nn.Module):
+    """Encoder + Linear on the mean over time of the final layer (METHOD.md, stage 4)."""
+
+    def __init__(self, encoder: AudioNTT, features: Features, n_classes: int):
+        super().__init__()
+        self.encoder, self.features = encoder, features
+        self.fc = nn.Linear(encoder.dim, n_classes)
+
+    def logits(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.encoder(self.features(wave)).mean)
+
+    def forward(self, wave: torch.Tensor, y: torch.Tensor):
+        z = self.logits(wave)
+        return F.cross_entropy(z, y), {"acc": (z.argmax(1) == y).float().mean()}
+
+
+class LinearProbe(nn.Module):
+    def __init__(self, dim: int, n_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        z = self.fc(x)
+        return F.cross_entropy(z, y), {"acc": (z.argmax(1) == y).float().mean()}
+
+
+def run(cfg: Config, row: str) -> None:
+    if row not in ROWS:
+        raise ValueError(f"finetune row '{row}' is not one of {', '.join(ROWS)}")
+    out = cfg.run.path / "finetune" / row
+    reset(out)
+    init, mode = ROWS[row]
+    train_full = ShardSource(split_dir(cfg, "train"))
+    if init is None:
+        torch.manual_seed(cfg.run.seed + 2)
+        encoder = AudioNTT(n_fc=cfg.distill.n_fc, n_mels=cfg.audio.n_mels)
+        mean, std = norm_stats(train_full, cfg.audio, cfg.pretrain.norm_clips)
+    else:
+        encoder, meta = load_encoder(cfg.run.path / init)
+        mean, std = meta["norm_mean"], meta["norm_std"]
+    features = Features(cfg.audio, mean, std)
+    train = with_labels(labelled_subset(train_full, cfg.finetune.labels_per_class, cfg.run.seed))
+    n_classes = len(train.manifest.labels or [])
+    if n_classes < 2:
+        raise ValueError(f"{train.split_dir}: the target needs labels (found {n_classes} classes)")
+    run_fn = _probe if mode == "probe" else _finetune
+    result, progress = run_fn(cfg, encoder, features, train, n_classes, out)
+    if is_main():
+        result.update({"row": row, "init": init or "random", "mode": mode, "train_clips": sum(train.counts),
+                       "encoder_parameters": count_parameters(encoder),
+                       "parameters": count_parameters(encoder) + encoder.dim * n_classes + n_classes})
+        atomic_write_text(out / "metrics.json", json.dumps(result, indent=1))
+        write_history(progress, out / "history.json")
+        mark_done(out, result)
+        print(f"[finetune {row}] val {result['val_acc']:.3f} (epoch {result['best_epoch']}), "
+              f"test {result['test_acc']:.3f}")
+
+
+def _finetune(cfg, encoder, features, train, n_classes, out):
+    c = cfg.finetune
+    model = Classifier(encoder, features, n_classes)
+    rank, world = init_distributed()
+    stream = ShardStream(train, train_transform(cfg.audio, "label"), cfg.run.seed, shuffle=True, rank=rank,
+                         world=world, shuffle_buffer=cfg.data.shuffle_buffer)
+    steps = stream.batches_per_epoch(c.batch_size, cfg.data.num_workers)
+    trainer = Trainer(model, cfg.engine, c.optim, c.batch_size, steps * c.epochs, out / "ckpt", cfg.hash(),
+                      desc=f"finetune {out.name}")
+    best = {"val_acc": -1.0, "best_epoch": -1, "state": None}
+
+    def on_epoch_end(epoch):
+        if not is_main():
+            return None
+        acc = accuracy(trainer.module, "val", cfg)
+        if acc > best["val_acc"]:
+            best.update(val_acc=acc, best_epoch=epoch, state=copy.deepcopy(trainer.module.state_dict()))
+        return {"val_acc": acc}
+
+    def batches(epoch):
+        stream.set_epoch(epoch)
+        return make_loader(stream, c.batch_size, cfg.data.num_workers, drop_last=True)
+
+    progress = trainer.fit(batches, steps, c.epochs, c.batch_size, on_epoch_end)
+    result = {}
+    if is_main():
+        trainer.module.load_state_dict(best.pop("state"))
+        result = {**best, "test_acc": accuracy(trainer.module, "test", cfg)}
+    return result, progress
+
+
+def _probe(cfg, encoder, features, train, n_classes, out):
+    c = cfg.finetune
+    cache = out / "features.npz"
+    rank, world = init_distributed()
+    if is_main():  # embed once on rank 0; the other ranks read the cache
+        sets = {name: embed_split(encoder, features, src, cfg, "mean", desc=f"{out.name}: embed {name}")
+                for name, src in (("train", train), ("val", _labelled(cfg, "val")), ("test", _labelled(cfg, "test")))}
+        np.savez(cache, **{f"{n}_{part}": arr for n, (_, x, y) in sets.items() for part, arr in (("x", x), ("y", y))})
+    barrier()
+    data = np.load(cache)
+    mu, sd = data["train_x"].mean(0), data["train_x"].std(0) + 1e-6
+    xs = {n: torch.from_numpy((data[f"{n}_x"] - mu) / sd).float() for n in ("train", "val", "test")}
+    ys = {n: torch.from_numpy(data[f"{n}_y"]).long() for n in ("train", "val", "test")}
+    model = LinearProbe(xs["train"].shape[1], n_classes)
+    n = len(ys["train"])
+    steps = len(tensor_batches(n, c.batch_size, cfg.run.seed, 0))
+    trainer = Trainer(model, cfg.engine, c.probe_optim, c.batch_size, steps * c.probe_epochs, out / "ckpt",
+                      cfg.hash(), desc=f"probe {out.name}")
+    best = {"val_acc": -1.0, "best_epoch": -1, "state": None}
+
+    def score(split: str) -> float:
+        with torch.no_grad():
+            return float((trainer.module.fc(xs[split]).argmax(1) == ys[split]).float().mean())
+
+    def on_epoch_end(epoch):
+        acc = score("val")
+        if acc > best["val_acc"]:
+            best.update(val_acc=acc, best_epoch=epoch, state=copy.deepcopy(trainer.module.state_dict()))
+        return {"val_acc": acc}
+
+    def batches(epoch):
+        return [(xs["train"][i], ys["train"][i]) for i in tensor_batches(n, c.batch_size, cfg.run.seed, epoch)]
+
+    progress = trainer.fit(batches, steps, c.probe_epochs, c.batch_size, on_epoch_end)
+    trainer.module.load_state_dict(best.pop("state"))  # the test split is read once, for the selected model
+    return {**best, "test_acc": score("test")}, progress
+
+
+def _labelled(cfg: Config, split: str) -> ShardSource:
+    return with_labels(ShardSource(split_dir(cfg, split)))
+
+
+@torch.no_grad()
+def accuracy(model: Classifier, split: str, cfg: Config) -> float:
+    model.eval()
+    source = _labelled(cfg, split)
+    stream = ShardStream(source, eval_transform(cfg.audio, cfg.data.eval_seconds), seed=0, shuffle=False)
+    correct = total = 0
+    for wave, label, _ in make_loader(stream, cfg.pseudolabel.batch_size, cfg.data.num_workers, drop_last=False):
+        correct += int((model.logits(wave).argmax(1) == label).sum())
+        total += len(label)
+    model.train()
+    return correct / max(total, 1)

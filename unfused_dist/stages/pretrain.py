@@ -1,0 +1,95 @@
+"""Stage 1: SLICER-style SSL pre-training of the teacher encoder on the unlabelled pool."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..artefacts import mark_done, reset
+from ..audio.augment import LogMixupExp, random_resize_crop
+from ..config import Config, PretrainConfig
+from ..data.loader import ShardSource, ShardStream, make_loader
+from ..engine.distributed import is_main
+from ..engine.export import export_encoder, full_state_dict
+from ..engine.trainer import Trainer, write_history
+from ..models.encoder import AudioNTT
+from ..models.heads import cluster_head
+from ..objectives.ssl import slicer_loss
+from .common import Features, norm_stats, train_transform
+
+
+class SSLModule(nn.Module):
+    """Online encoder + heads, and a momentum (EMA) copy that gives the contrastive keys."""
+
+    def __init__(self, encoder: AudioNTT, features: Features, cfg: PretrainConfig, seed: int):
+        super().__init__()
+        self.cfg, self.features = cfg, features
+        self.encoder = encoder
+        self.proj = nn.Linear(encoder.dim, cfg.proj_dim)
+        self.cluster = cluster_head(encoder.dim, cfg.n_clusters)
+        self.momentum = nn.ModuleDict({"encoder": copy.deepcopy(encoder), "proj": copy.deepcopy(self.proj),
+                                       "cluster": copy.deepcopy(self.cluster)}).requires_grad_(False)
+        gen = torch.Generator().manual_seed(seed)
+        self.gen = gen
+        self.mixup = LogMixupExp(cfg.mixup_ratio, generator=gen)
+
+    def _heads(self, enc, proj, cluster, x):
+        e = enc(x).embedding
+        return proj(e), cluster(e).softmax(dim=1)
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        return random_resize_crop(self.mixup(x), generator=self.gen)
+
+    def forward(self, wave: torch.Tensor):
+        x = self.features(wave)
+        views = [self.augment(x), self.augment(x)]
+        online = [self._heads(self.encoder, self.proj, self.cluster, v) for v in views]
+        with torch.no_grad():
+            m = self.momentum
+            keys = [self._heads(m["encoder"], m["proj"], m["cluster"], v) for v in views]
+        c = self.cfg
+        return slicer_loss(online[0], online[1], keys[0], keys[1], c.temperature, c.cluster_temperature,
+                           c.cluster_weight)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for name, online in (("encoder", self.encoder), ("proj", self.proj), ("cluster", self.cluster)):
+            for pm, po in zip(self.momentum[name].parameters(), online.parameters()):
+                pm.mul_(self.cfg.ema).add_(po.detach(), alpha=1 - self.cfg.ema)
+            for bm, bo in zip(self.momentum[name].buffers(), online.buffers()):
+                bm.copy_(bo)
+
+
+def run(cfg: Config) -> None:
+    out = cfg.run.path / "pretrain"
+    reset(out)
+    if cfg.engine.zero_stage == 3:
+        raise ValueError("engine.zero_stage=3 partitions parameters, which the SSL momentum encoder update "
+                         "cannot read; use zero_stage 0, 1 or 2 for pretrain")
+    c = cfg.pretrain
+    source = ShardSource(cfg.data.pool)
+    mean, std = norm_stats(source, cfg.audio, c.norm_clips)
+    torch.manual_seed(cfg.run.seed)
+    encoder = AudioNTT(n_fc=c.n_fc, n_mels=cfg.audio.n_mels)
+    module = SSLModule(encoder, Features(cfg.audio, mean, std), c, cfg.run.seed)
+    trainer_args = dict(engine_cfg=cfg.engine, optim_cfg=c.optim, micro_batch=c.batch_size,
+                        ckpt_dir=out / "ckpt", config_hash=cfg.hash(), desc="pretrain")
+    from ..engine.distributed import init_distributed
+    rank, world = init_distributed()
+    stream = ShardStream(source, train_transform(cfg.audio, None), cfg.run.seed, shuffle=True, rank=rank,
+                         world=world, shuffle_buffer=cfg.data.shuffle_buffer)
+    steps = stream.batches_per_epoch(c.batch_size, cfg.data.num_workers)
+    epochs = c.epochs if not c.max_steps else -(-c.max_steps // steps)
+    trainer = Trainer(module, total_steps=steps * epochs, **trainer_args)
+
+    def batches(epoch):
+        stream.set_epoch(epoch)
+        return make_loader(stream, c.batch_size, cfg.data.num_workers, drop_last=True)
+
+    progress = trainer.fit(batches, steps, epochs, c.batch_size)
+    state = full_state_dict(module.encoder, cfg.engine.zero_stage)
+    if is_main():
+        export_encoder(module.encoder, out, state=state, meta={"stage": "pretrain", "norm_mean": mean, "norm_std": std})
+        write_history(progress, out / "history.json")
+        mark_done(out, {"steps": progress.global_step, "world_size": world})
