@@ -20,15 +20,16 @@ if [ -n "$missing" ]; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-pip=(.venv/bin/python -m pip install -q -c constraints.txt)
-"${pip[@]}" -r requirements.txt
+# The machine's pip config lists local indexes that lack most packages: drop pip's notes about them.
+pipi() { { .venv/bin/python -m pip install -q -c constraints.txt "$@" 2>&1; } | { grep -v "is ignored: it is neither" || true; }; }
+pipi -r requirements.txt
 # torchaudio: no CPU build exists; 2.11.0 without deps works for its pure-PyTorch transforms once its
 # CUDA-linked extension libraries are removed (see README "Installs"). We use only those transforms.
-"${pip[@]}" --no-deps torchaudio==2.11.0
+pipi --no-deps torchaudio==2.11.0
 rm -f .venv/lib/python3*/site-packages/torchaudio/lib/*.so
 # tinysoundfont renders the instrument corpus; its pyaudio dependency is not needed and does not build.
-"${pip[@]}" --no-deps tinysoundfont
-"${pip[@]}" --no-deps -e .
+pipi --no-deps tinysoundfont
+pipi --no-deps -e .
 .venv/bin/python -c "import torch, torchaudio, deepspeed, faiss, webdataset, soundfile; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 cat $inputs | sha256sum > "$stamp"
 echo "[setup] done: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

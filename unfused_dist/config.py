@@ -42,7 +42,9 @@ class DataConfig:
     pool: str = "data/demo/shards/pool/train"  # unlabelled pre-training dataset (one split dir)
     target: str = "data/demo/shards/kws"  # labelled target dataset: a folder with train/ val/ test/ splits
     task: str = "kws"  # name shown in the report
-    eval_seconds: float = 1.0  # deterministic centre crop (pad if shorter) for embedding and evaluation
+    # The task's crop length (METHOD.md: 1 s keyword spotting ... 8 s speaker ID): fine-tuning trains on random
+    # crops of it; embedding and evaluation use its centre crop (padded if shorter).
+    task_seconds: float = 1.0
     num_workers: int = 1  # DataLoader workers per rank
     shuffle_buffer: int = 1000
 
@@ -153,7 +155,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections (run:, data:, ...)")
-    cfg = _build(Config, raw, prefix="", where=where)
+    cfg = Config()
+    _update(cfg, raw, prefix="", where=where)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -167,13 +170,11 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def _build(cls, raw: dict[str, Any], prefix: str, where: str):
-    obj = cls()
+def _update(obj, raw: Any, prefix: str, where: str) -> None:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: '{prefix.rstrip('.')}' must be a mapping, got {type(raw).__name__}")
     for key, value in raw.items():
         _set_dotted(obj, str(key), value, where=where, prefix=prefix)
-    return obj
 
 
 def _set_dotted(obj, dotted: str, value: Any, where: str, prefix: str = "") -> None:
@@ -190,8 +191,8 @@ def _set_dotted(obj, dotted: str, value: Any, where: str, prefix: str = "") -> N
     if dataclasses.is_dataclass(current):
         if rest:
             _set_dotted(current, rest, value, where, prefix=full + ".")
-        else:
-            setattr(obj, head, _build(type(current), value, prefix=full + ".", where=where))
+        else:  # a mapping updates the section in place, keeping the section's own defaults
+            _update(current, value, prefix=full + ".", where=where)
         return
     if rest:
         raise ConfigError(f"{where}: '{full}' is a value, not a section; cannot set '{prefix + dotted}'")

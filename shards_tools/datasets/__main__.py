@@ -28,7 +28,7 @@ def build_task(name: str, module, out: Path, size: str, cache: Path, workers: in
     task_dir = out / name
     if is_done(task_dir, size):
         info = done_info(task_dir)
-        print(f"{name}: up to date ({size}, v{VERSION}; delete {task_dir}/.done to rebuild): {info['summary']}")
+        print(f"{info['summary']} [up to date: {size} v{VERSION}; delete {name}/.done to rebuild]")
         return info["packages"]
     fresh_dir(task_dir)
     with Timer() as t:

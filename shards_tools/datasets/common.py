@@ -17,7 +17,7 @@ import soxr
 from tqdm import tqdm
 
 # Bump when the generated audio or manifests change, so old .done stamps stop matching.
-VERSION = 1
+VERSION = 2
 SR = 16000
 HEADER = ["path", "label", "split", "source"]
 SPLITS = ("train", "val", "test")
@@ -25,7 +25,7 @@ SPLITS = ("train", "val", "test")
 SIZES = {
     "ci": dict(
         kws_espeak_voices=5, kws_flite_voices=1,
-        langid_prompts=12, langid_max_seconds=5.0,  # per language, prompts spoken in all five
+        langid_prompts=40, langid_max_seconds=5.0,  # per language, prompts spoken in all five (the CI target task)
         inst_per_family=(5, 2, 3),  # train, val (training SoundFont), test (held-out SoundFont)
         pool_seconds={"planetblupi-music-ogg": 60, "asterisk-moh-opsound-wav": 30},
         segment_seconds=3.0,
@@ -182,7 +182,8 @@ def summarize(task: str, task_dir: Path, rows: list[dict], seconds_taken: float 
         nbytes += p.stat().st_size
     split_txt = " / ".join(f"{s} {n}" for s, n in counts.items() if n)
     took = f", built in {seconds_taken:.1f} s" if seconds_taken is not None else ""
-    return (f"{task}: {len(rows)} clips ({split_txt}), {len(labels)} labels, "
+    labels_txt = f", {len(labels)} labels" if labels else ""
+    return (f"{task}: {len(rows)} clips ({split_txt}){labels_txt}, "
             f"{secs / 60:.1f} min audio, {nbytes / 1e6:.1f} MB{took}")
 
 

@@ -5,6 +5,7 @@ sets rather than memorise one recording of each instrument.
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,9 @@ def _candidates(family: str, salt: str) -> list[tuple[int, int, int]]:
 
 
 def build(task_dir: Path, cfg: dict, cache: Path, workers: int) -> tuple[list[dict], list[str], list[str]]:
+    if importlib.util.find_spec("tinysoundfont") is None:
+        raise debs.SourceError("Python package `tinysoundfont` not found: pip install --no-deps tinysoundfont "
+                               "(its pyaudio dependency is not needed) or run scripts/setup.sh")
     n_train, n_val, n_test = cfg["inst_per_family"]
     fonts = {pkg: debs.fetch(pkg, cache) / rel for pkg, rel in (TRAIN_FONT, TEST_FONT)}
     jobs = []

@@ -67,50 +67,59 @@ class Trainer:
         return self.engine.module
 
     def fit(self, batches: Callable[[int], Iterable], steps_per_epoch: int, epochs: int,
-            clips_per_step: int, on_epoch_end: Callable[[int], dict] | None = None) -> Progress:
-        """Train `epochs` x `steps_per_epoch` micro-steps, resuming from the newest checkpoint if any."""
+            clips_per_step: int, on_epoch_end: Callable[[int], dict] | None = None,
+            max_steps: int = 0) -> Progress:
+        """Train `epochs` x `steps_per_epoch` micro-steps (at most `max_steps` if set), resuming from the
+        newest checkpoint if any. `on_epoch_end(epoch)` may return values to log with the epoch's last step."""
         self.resume()
         p = self.progress
-        total = steps_per_epoch * epochs
+        total = min(steps_per_epoch * epochs, max_steps or steps_per_epoch * epochs)
         bar = tqdm(total=total, initial=p.global_step, desc=self.desc, unit="step", disable=not is_main(),
                    dynamic_ncols=True)
         last_save = time.time()
-        while p.epoch < epochs:
+        while p.global_step < total:
             self.module.train()
             for i, batch in enumerate(batches(p.epoch)):
-                if i >= steps_per_epoch:
+                if i >= steps_per_epoch or p.global_step >= total:
                     break
                 if i < p.step_in_epoch:  # resumed mid-epoch: these batches were already trained on
                     continue
-                t0 = time.time()
-                loss, logs = self.engine(*batch)
-                self.engine.backward(loss)
-                self.engine.step()
-                after = getattr(self.module, "after_step", None)
-                if after is not None:
-                    after()
-                p.global_step += 1
-                p.step_in_epoch = i + 1
-                lr = self.scheduler.get_last_lr()[0]
-                p.history.append({"step": p.global_step, "epoch": p.epoch, "loss": loss.item(), "lr": lr,
-                                  **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}})
+                self._step(batch, i, clips_per_step)
                 bar.update(1)
-                bar.set_postfix(loss=f"{p.history[-1]['loss']:.3f}", lr=f"{lr:.2e}",
-                                clips_s=f"{clips_per_step * self.world / (time.time() - t0):.0f}")
+                h = p.history[-1]
+                bar.set_postfix(loss=f"{h['loss']:.3f}", lr=f"{h['lr']:.2e}", clips_s=f"{h['clips_s']:.0f}")
                 if self.cfg.save_every_steps and p.global_step % self.cfg.save_every_steps == 0:
                     self.save()
                     last_save = time.time()
             average_buffers(self.module)
-            extra = on_epoch_end(p.epoch) if on_epoch_end else None
-            if extra:
-                p.history[-1].update(extra)
-            p.epoch, p.step_in_epoch = p.epoch + 1, 0
+            if p.step_in_epoch >= steps_per_epoch:  # a whole epoch (not a max_steps stop mid-epoch)
+                extra = on_epoch_end(p.epoch) if on_epoch_end else None
+                if extra:
+                    p.history[-1].update(extra)
+                p.epoch, p.step_in_epoch = p.epoch + 1, 0
             # Rank 0's clock decides, so every rank joins the same (collective) save.
-            if broadcast_object(p.epoch == epochs or time.time() - last_save > 60 * self.cfg.save_every_minutes):
+            final = p.global_step >= total
+            if broadcast_object(final or time.time() - last_save > 60 * self.cfg.save_every_minutes):
                 self.save()
                 last_save = time.time()
         bar.close()
         return p
+
+    def _step(self, batch, index: int, clips_per_step: int) -> None:
+        t0 = time.time()
+        loss, logs = self.engine(*batch)
+        self.engine.backward(loss)
+        self.engine.step()
+        after = getattr(self.module, "after_step", None)
+        if after is not None:
+            after()
+        p = self.progress
+        p.global_step += 1
+        p.step_in_epoch = index + 1
+        p.history.append({"step": p.global_step, "epoch": p.epoch, "loss": loss.item(),
+                          "lr": self.scheduler.get_last_lr()[0],
+                          "clips_s": clips_per_step * self.world / (time.time() - t0),
+                          **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}})
 
     # --- checkpoints -------------------------------------------------------------------------------
     def save(self) -> None:

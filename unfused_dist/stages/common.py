@@ -13,7 +13,10 @@ from ..audio.frontend import FrontendConfig, LogMel, Normalizer, centre_crop, ra
 from ..config import Config
 from ..data.loader import ShardSource, ShardStream, make_loader
 from ..data.shards import RawSample
-from ..engine.distributed import is_main, rank_world
+from ..artefacts import mark_done
+from ..engine.distributed import init_distributed, is_main, rank_world
+from ..engine.export import export_encoder, full_state_dict
+from ..engine.trainer import Trainer, write_history
 from ..models.encoder import AudioNTT
 
 
@@ -28,10 +31,13 @@ class Features(nn.Module):
         return self.norm(self.logmel(wave))
 
 
-def train_transform(audio: FrontendConfig, with_label: str | None):
-    """Random 0.95 s crop; with_label: None, 'label' (true label id) or 'cls' (pseudo-label)."""
+def train_transform(audio: FrontendConfig, with_label: str | None, seconds: float | None = None):
+    """Random crop of `seconds` (default: the 0.95 s SSL/distillation crop); with_label: None, 'label'
+    (true label id) or 'cls' (pseudo-label)."""
+    n = audio.crop_samples if seconds is None else int(round(seconds * audio.sample_rate))
+
     def transform(sample: RawSample, rng: np.random.Generator):
-        wave = random_crop(sample.audio(audio.sample_rate), audio.crop_samples, rng)
+        wave = random_crop(sample.audio(audio.sample_rate), n, rng)
         if with_label is None:
             return (wave,)
         return wave, (sample.cls() if with_label == "cls" else sample.label_id)
@@ -84,7 +90,7 @@ def embed_split(encoder: AudioNTT, features: Features, source: ShardSource, cfg:
     """Frozen-encoder embeddings of every clip of a split, in shard order: keys, (N, D) float32, label ids.
     pooling: 'embedding' (mean+max over time), 'mean' (mean over time), 'block1' (x1)."""
     encoder.eval()
-    stream = ShardStream(with_labels(source), eval_transform(cfg.audio, cfg.data.eval_seconds), seed=0,
+    stream = ShardStream(with_labels(source), eval_transform(cfg.audio, cfg.data.task_seconds), seed=0,
                          shuffle=False)
     loader = make_loader(stream, cfg.pseudolabel.batch_size, cfg.data.num_workers, drop_last=False)
     keys, embs, labels = [], [], []
@@ -127,3 +133,28 @@ def tensor_batches(n: int, batch: int, seed: int, epoch: int):
 
 def split_dir(cfg: Config, split: str) -> Path:
     return Path(cfg.data.target) / split
+
+
+def train_encoder(cfg: Config, module: nn.Module, encoder: AudioNTT, source: ShardSource, transform, stage,
+                  out: Path, norm: tuple[float, float]) -> None:
+    """The shared body of the encoder-training stages (pretrain, distill): stream the source, train through
+    the engine for `stage.epochs` (capped at `stage.max_steps`), export the encoder, mark the stage done."""
+    rank, world = init_distributed()
+    stream = ShardStream(source, transform, cfg.run.seed, shuffle=True, rank=rank, world=world,
+                         shuffle_buffer=cfg.data.shuffle_buffer)
+    steps = stream.batches_per_epoch(stage.batch_size, cfg.data.num_workers)
+    epochs = stage.epochs if not stage.max_steps else -(-stage.max_steps // steps)
+    total = min(steps * epochs, stage.max_steps or steps * epochs)
+    trainer = Trainer(module, cfg.engine, stage.optim, stage.batch_size, total, out / "ckpt", cfg.hash(),
+                      desc=out.name)
+
+    def batches(epoch):
+        stream.set_epoch(epoch)
+        return make_loader(stream, stage.batch_size, cfg.data.num_workers, drop_last=True)
+
+    progress = trainer.fit(batches, steps, epochs, stage.batch_size, max_steps=total)
+    state = full_state_dict(encoder, cfg.engine.zero_stage)  # collective under ZeRO-3: every rank calls it
+    if is_main():
+        export_encoder(encoder, out, state=state, meta={"stage": out.name, "norm_mean": norm[0], "norm_std": norm[1]})
+        write_history(progress, out / "history.json")
+        mark_done(out, {"steps": progress.global_step, "world_size": world})

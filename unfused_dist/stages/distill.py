@@ -7,17 +7,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..artefacts import mark_done, read_done, reset
+from ..artefacts import read_done, reset
 from ..audio.augment import LogMixupExp, random_resize_crop
 from ..config import Config, DistillConfig
-from ..data.loader import ShardSource, ShardStream, make_loader
-from ..engine.distributed import init_distributed, is_main
-from ..engine.export import export_encoder, full_state_dict
-from ..engine.trainer import Trainer, write_history
+from ..data.loader import ShardSource
 from ..models.encoder import AudioNTT
 from ..models.heads import shallow_head
 from ..objectives.distill import DistillWeights, distillation_loss
-from .common import Features, norm_stats, split_dir, train_transform
+from .common import Features, norm_stats, split_dir, train_encoder, train_transform
 
 
 class DistillModule(nn.Module):
@@ -49,21 +46,4 @@ def run(cfg: Config) -> None:
     torch.manual_seed(cfg.run.seed + 1)
     module = DistillModule(AudioNTT(n_fc=c.n_fc, n_mels=cfg.audio.n_mels), Features(cfg.audio, mean, std),
                            cfg.pseudolabel.k, c, cfg.run.seed)
-    rank, world = init_distributed()
-    stream = ShardStream(source, train_transform(cfg.audio, "cls"), cfg.run.seed, shuffle=True, rank=rank,
-                         world=world, shuffle_buffer=cfg.data.shuffle_buffer)
-    steps = stream.batches_per_epoch(c.batch_size, cfg.data.num_workers)
-    epochs = c.epochs if not c.max_steps else -(-c.max_steps // steps)
-    trainer = Trainer(module, cfg.engine, c.optim, c.batch_size, steps * epochs, out / "ckpt", cfg.hash(),
-                      desc="distill")
-
-    def batches(epoch):
-        stream.set_epoch(epoch)
-        return make_loader(stream, c.batch_size, cfg.data.num_workers, drop_last=True)
-
-    progress = trainer.fit(batches, steps, epochs, c.batch_size)
-    state = full_state_dict(module.encoder, cfg.engine.zero_stage)
-    if is_main():
-        export_encoder(module.encoder, out, state=state, meta={"stage": "distill", "norm_mean": mean, "norm_std": std})
-        write_history(progress, out / "history.json")
-        mark_done(out, {"steps": progress.global_step, "world_size": world})
+    train_encoder(cfg, module, module.encoder, source, train_transform(cfg.audio, "cls"), c, out, (mean, std))

@@ -46,7 +46,7 @@ def run(cfg: Config) -> dict:
 @torch.no_grad()
 def _logmel_stats(cfg: Config, source: ShardSource) -> tuple[np.ndarray, np.ndarray]:
     logmel = LogMel(cfg.audio)
-    stream = ShardStream(with_labels(source), eval_transform(cfg.audio, cfg.data.eval_seconds), 0, shuffle=False)
+    stream = ShardStream(with_labels(source), eval_transform(cfg.audio, cfg.data.task_seconds), 0, shuffle=False)
     xs, ys = [], []
     for wave, label, _ in make_loader(stream, 256, cfg.data.num_workers, drop_last=False):
         m = logmel(wave)[:, 0]

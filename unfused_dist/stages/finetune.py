@@ -92,7 +92,9 @@ def _finetune(cfg, encoder, features, train, n_classes, out):
     c = cfg.finetune
     model = Classifier(encoder, features, n_classes)
     rank, world = init_distributed()
-    stream = ShardStream(train, train_transform(cfg.audio, "label"), cfg.run.seed, shuffle=True, rank=rank,
+    # Fine-tuning trains on crops of the task's length, as it is evaluated (METHOD.md: task-specific crops).
+    stream = ShardStream(train, train_transform(cfg.audio, "label", cfg.data.task_seconds), cfg.run.seed,
+                         shuffle=True, rank=rank,
                          world=world, shuffle_buffer=cfg.data.shuffle_buffer)
     steps = stream.batches_per_epoch(c.batch_size, cfg.data.num_workers)
     trainer = Trainer(model, cfg.engine, c.optim, c.batch_size, steps * c.epochs, out / "ckpt", cfg.hash(),
@@ -165,7 +167,7 @@ def _labelled(cfg: Config, split: str) -> ShardSource:
 def accuracy(model: Classifier, split: str, cfg: Config) -> float:
     model.eval()
     source = _labelled(cfg, split)
-    stream = ShardStream(source, eval_transform(cfg.audio, cfg.data.eval_seconds), seed=0, shuffle=False)
+    stream = ShardStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), seed=0, shuffle=False)
     correct = total = 0
     for wave, label, _ in make_loader(stream, cfg.pseudolabel.batch_size, cfg.data.num_workers, drop_last=False):
         correct += int((model.logits(wave).argmax(1) == label).sum())

@@ -6,17 +6,14 @@ import copy
 import torch
 from torch import nn
 
-from ..artefacts import mark_done, reset
+from ..artefacts import reset
 from ..audio.augment import LogMixupExp, random_resize_crop
-from ..config import Config, PretrainConfig
-from ..data.loader import ShardSource, ShardStream, make_loader
-from ..engine.distributed import is_main
-from ..engine.export import export_encoder, full_state_dict
-from ..engine.trainer import Trainer, write_history
+from ..config import Config, ConfigError, PretrainConfig
+from ..data.loader import ShardSource
 from ..models.encoder import AudioNTT
 from ..models.heads import cluster_head
 from ..objectives.ssl import slicer_loss
-from .common import Features, norm_stats, train_transform
+from .common import Features, norm_stats, train_encoder, train_transform
 
 
 class SSLModule(nn.Module):
@@ -65,7 +62,7 @@ def run(cfg: Config) -> None:
     out = cfg.run.path / "pretrain"
     reset(out)
     if cfg.engine.zero_stage == 3:
-        raise ValueError("engine.zero_stage=3 partitions parameters, which the SSL momentum encoder update "
+        raise ConfigError("engine.zero_stage=3 partitions parameters, which the SSL momentum encoder update "
                          "cannot read; use zero_stage 0, 1 or 2 for pretrain")
     c = cfg.pretrain
     source = ShardSource(cfg.data.pool)
@@ -73,23 +70,4 @@ def run(cfg: Config) -> None:
     torch.manual_seed(cfg.run.seed)
     encoder = AudioNTT(n_fc=c.n_fc, n_mels=cfg.audio.n_mels)
     module = SSLModule(encoder, Features(cfg.audio, mean, std), c, cfg.run.seed)
-    trainer_args = dict(engine_cfg=cfg.engine, optim_cfg=c.optim, micro_batch=c.batch_size,
-                        ckpt_dir=out / "ckpt", config_hash=cfg.hash(), desc="pretrain")
-    from ..engine.distributed import init_distributed
-    rank, world = init_distributed()
-    stream = ShardStream(source, train_transform(cfg.audio, None), cfg.run.seed, shuffle=True, rank=rank,
-                         world=world, shuffle_buffer=cfg.data.shuffle_buffer)
-    steps = stream.batches_per_epoch(c.batch_size, cfg.data.num_workers)
-    epochs = c.epochs if not c.max_steps else -(-c.max_steps // steps)
-    trainer = Trainer(module, total_steps=steps * epochs, **trainer_args)
-
-    def batches(epoch):
-        stream.set_epoch(epoch)
-        return make_loader(stream, c.batch_size, cfg.data.num_workers, drop_last=True)
-
-    progress = trainer.fit(batches, steps, epochs, c.batch_size)
-    state = full_state_dict(module.encoder, cfg.engine.zero_stage)
-    if is_main():
-        export_encoder(module.encoder, out, state=state, meta={"stage": "pretrain", "norm_mean": mean, "norm_std": std})
-        write_history(progress, out / "history.json")
-        mark_done(out, {"steps": progress.global_step, "world_size": world})
+    train_encoder(cfg, module, encoder, source, train_transform(cfg.audio, None), c, out, (mean, std))

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Demo corpora (raw audio + CSV manifests) and their WebDataset shards, built once into data/<size>/.
+# Usage: scripts/make_data.sh ci|demo
+set -euo pipefail
+cd "$(dirname "$0")/.."
+size=${1:?usage: make_data.sh ci|demo}
+root=data/$size
+py=.venv/bin/python
+case $size in ci) shard_samples=25 ;; *) shard_samples=250 ;; esac
+$py -m shards_tools.datasets "$size" --out "$root/raw"
+for task in kws langid instrument pool; do
+  out=$root/shards/$task
+  if [ -f "$out/.built" ] && [ "$out/.built" -nt "$root/raw/$task/manifest.csv" ]; then continue; fi
+  rc=0
+  .venv/bin/unfused-shards build "$root/raw/$task/manifest.csv" "$out" --shard-samples $shard_samples --quiet || rc=$?
+  # exit 3: built, some inputs rejected (listed in rejected.jsonl): the demo goes on with the rest
+  [ $rc = 0 ] || [ $rc = 3 ] || exit $rc
+  touch "$out/.built"
+done
+echo "[data] $root/shards ready: $(ls $root/shards | tr '\n' ' ')"

@@ -1,0 +1,54 @@
+import os
+
+import pytest
+
+# Every test process: no DeepSpeed shared-memory op builds, quiet logs.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end tests of a whole pipeline (run in CI too)")
+
+
+@pytest.fixture
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_tone_corpus(root, n_per_class=12, classes=("low", "mid", "high"), splits=("train", "val", "test")):
+    """Short labelled tones at mixed sample rates as raw files + a path,label,split CSV."""
+    import csv
+
+    import numpy as np
+    import soundfile as sf
+
+    freqs = {c: 200 * 2 ** i for i, c in enumerate(classes)}
+    rng = np.random.default_rng(0)
+    rows = []
+    (root / "raw").mkdir(parents=True, exist_ok=True)
+    for i in range(n_per_class * len(classes)):
+        label = classes[i % len(classes)]
+        sr = (16000, 22050, 8000)[i % 3]
+        t = np.arange(int(sr * rng.uniform(0.6, 1.4))) / sr
+        x = 0.3 * np.sin(2 * np.pi * freqs[label] * t) + 0.02 * rng.standard_normal(len(t))
+        path = f"raw/{label}_{i:03d}.wav"
+        sf.write(root / path, x.astype("float32"), sr)
+        rows.append((path, label, splits[(i // len(classes)) % len(splits)]))
+    with open(root / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        w.writerows(rows)
+    return root / "manifest.csv"
+
+
+@pytest.fixture
+def tone_dataset(tmp_path):
+    """A built dataset (train/val/test split dirs) with small shards."""
+    from shards_tools.build import build
+
+    csv_path = write_tone_corpus(tmp_path / "src")
+    build(csv_path, tmp_path / "shards", workers=1, shard_samples=3, progress=False)
+    return tmp_path / "shards"

@@ -1,0 +1,82 @@
+import io
+import tarfile
+
+import numpy as np
+import pytest
+
+from unfused_dist.cluster.labels import write_label_shards
+from unfused_dist.data.loader import ShardSource, ShardStream, assign_shards, label_shard_name
+from unfused_dist.data.manifest import DatasetManifest
+from unfused_dist.data.shards import LabelAlignmentError, ShardError, iter_shard
+
+
+def _keys(split_dir):
+    m = DatasetManifest.load(split_dir)
+    return [s.key for sh in m.shards for s in iter_shard(split_dir / sh.name)]
+
+
+def test_assign_shards_covers_every_shard_once_per_epoch():
+    for epoch in range(3):
+        plan = assign_shards(11, seed=5, epoch=epoch, world=2, workers=2, shuffle=True)
+        flat = [s for rank in plan for w in rank for s in w]
+        assert sorted(flat) == list(range(11))
+    assert assign_shards(11, 5, 0, 2, 2, True) != assign_shards(11, 5, 1, 2, 2, True)
+
+
+def test_ranks_read_disjoint_samples_and_the_same_number_of_batches(tone_dataset):
+    split = tone_dataset / "train"
+    seen = []
+    counts = []
+    for rank in range(2):
+        stream = ShardStream(ShardSource(split), lambda s, rng: s.key, seed=1, shuffle=True, rank=rank, world=2)
+        seen.append(list(stream))
+        counts.append(stream.batches_per_epoch(2, workers=1))
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(_keys(split))
+    assert counts[0] == counts[1] > 0
+
+
+def test_label_shards_align_and_a_mismatch_names_both_shards(tone_dataset, tmp_path):
+    split = tone_dataset / "train"
+    keys = _keys(split)
+    labels = tmp_path / "labels"
+    write_label_shards(split, labels, keys, np.arange(len(keys)) % 3, np.zeros(len(keys)))
+    source = ShardSource(split, labels_dir=labels)
+    got = [(s.key, s.cls()) for i in range(len(source.counts)) for s in source.iter_shard(i)]
+    assert got == [(k, i % 3) for i, k in enumerate(keys)]
+
+    # Swap two keys inside the first label shard: the reader must refuse and name both shards.
+    first = DatasetManifest.load(split).shards[0].name
+    shard = labels / label_shard_name(first)
+    with tarfile.open(shard) as t:
+        members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+    members = members[2:4] + members[0:2] + members[4:]
+    with tarfile.open(shard, "w") as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    with pytest.raises(LabelAlignmentError) as e:
+        list(ShardSource(split, labels_dir=labels).iter_shard(0))
+    assert str(shard) in str(e.value) and str(split / first) in str(e.value)
+
+
+def test_a_pickle_member_is_refused_not_loaded(tone_dataset):
+    split = tone_dataset / "train"
+    shard = split / DatasetManifest.load(split).shards[0].name
+    with tarfile.open(shard, "a") as t:
+        payload = b"cos\nsystem\n(S'echo pwned'\ntR."
+        info = tarfile.TarInfo("evil.pyd")
+        info.size = len(payload)
+        t.addfile(info, io.BytesIO(payload))
+    with pytest.raises(ShardError, match=r"member 'evil.pyd' is not audio/json/text/int"):
+        list(iter_shard(shard))
+
+
+def test_truncated_shard_is_a_clear_error(tone_dataset):
+    split = tone_dataset / "train"
+    shard = split / DatasetManifest.load(split).shards[0].name
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2 + 7])
+    with pytest.raises(ShardError, match="truncated"):
+        list(iter_shard(shard))
