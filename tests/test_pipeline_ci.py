@@ -88,6 +88,9 @@ def test_rerun_skips_finished_stages_and_redoes_a_half_finished_one(ci_run):
     assert "[pipeline] pseudolabel: -m unfused_dist.cli run pseudolabel" in proc.stdout
     assert (run_dir / "pseudolabel" / "done.json").is_file()
     assert not (run_dir / "pseudolabel" / "partial.tmp").exists()
+    status = subprocess.run([sys.executable, "-m", "unfused_dist.cli", "status", str(run_dir)], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    assert "pseudolabel" in status and "pending" not in status and "started" not in status
 
 
 def test_a_different_config_in_the_same_run_dir_is_refused(ci_run):

@@ -52,20 +52,6 @@ def eval_transform(audio: FrontendConfig, seconds: float):
     return transform
 
 
-def with_labels(source: ShardSource) -> ShardSource:
-    """Attach label ids (manifest vocabulary order) to samples as they are read."""
-    index = source.manifest.label_index
-    original = source.iter_shard
-
-    def iter_shard(i):
-        for s in original(i):
-            label = s.meta().get("label")
-            s.label_id = index[label] if label in index else -1
-            yield s
-    source.iter_shard = iter_shard
-    return source
-
-
 def norm_stats(source: ShardSource, audio: FrontendConfig, n_clips: int) -> tuple[float, float]:
     """Scalar mean/std of log-mel over the first n clips (centre crops) of a split [ours, METHOD.md]."""
     logmel = LogMel(audio)
@@ -90,7 +76,7 @@ def embed_split(encoder: AudioNTT, features: Features, source: ShardSource, cfg:
     """Frozen-encoder embeddings of every clip of a split, in shard order: keys, (N, D) float32, label ids.
     pooling: 'embedding' (mean+max over time), 'mean' (mean over time), 'block1' (x1)."""
     encoder.eval()
-    stream = ShardStream(with_labels(source), eval_transform(cfg.audio, cfg.data.task_seconds), seed=0,
+    stream = ShardStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), seed=0,
                          shuffle=False)
     loader = make_loader(stream, cfg.pseudolabel.batch_size, cfg.data.num_workers, drop_last=False)
     keys, embs, labels = [], [], []

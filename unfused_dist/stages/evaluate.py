@@ -15,7 +15,7 @@ from ..audio.frontend import LogMel
 from ..config import Config
 from ..data.loader import ShardSource, ShardStream, make_loader
 from ..metrics.report import plot_accuracies, plot_losses, results_markdown
-from .common import eval_transform, labelled_subset, split_dir, with_labels
+from .common import eval_transform, labelled_subset, split_dir
 
 
 def run(cfg: Config) -> dict:
@@ -46,7 +46,7 @@ def run(cfg: Config) -> dict:
 @torch.no_grad()
 def _logmel_stats(cfg: Config, source: ShardSource) -> tuple[np.ndarray, np.ndarray]:
     logmel = LogMel(cfg.audio)
-    stream = ShardStream(with_labels(source), eval_transform(cfg.audio, cfg.data.task_seconds), 0, shuffle=False)
+    stream = ShardStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), 0, shuffle=False)
     xs, ys = [], []
     for wave, label, _ in make_loader(stream, 256, cfg.data.num_workers, drop_last=False):
         m = logmel(wave)[:, 0]

@@ -18,7 +18,7 @@ from ..engine.export import load_encoder
 from ..engine.trainer import Trainer, write_history
 from ..models.encoder import AudioNTT, count_parameters
 from .common import Features, embed_split, eval_transform, labelled_subset, norm_stats, split_dir, \
-    tensor_batches, train_transform, with_labels
+    tensor_batches, train_transform
 
 # row -> (stage whose encoder initialises it, or None for random init; full fine-tuning or linear probe)
 ROWS = {
@@ -71,7 +71,7 @@ def run(cfg: Config, row: str) -> None:
         encoder, meta = load_encoder(cfg.run.path / init)
         mean, std = meta["norm_mean"], meta["norm_std"]
     features = Features(cfg.audio, mean, std)
-    train = with_labels(labelled_subset(train_full, cfg.finetune.labels_per_class, cfg.run.seed))
+    train = labelled_subset(train_full, cfg.finetune.labels_per_class, cfg.run.seed)
     n_classes = len(train.manifest.labels or [])
     if n_classes < 2:
         raise ValueError(f"{train.split_dir}: the target needs labels (found {n_classes} classes)")
@@ -160,7 +160,7 @@ def _probe(cfg, encoder, features, train, n_classes, out):
 
 
 def _labelled(cfg: Config, split: str) -> ShardSource:
-    return with_labels(ShardSource(split_dir(cfg, split)))
+    return ShardSource(split_dir(cfg, split))
 
 
 @torch.no_grad()

@@ -1,0 +1,1 @@
+"""WebDataset pipelines and the on-disk dataset contract."""
