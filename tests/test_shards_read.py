@@ -10,6 +10,19 @@ from unfused_dist.data.manifest import DatasetManifest
 from unfused_dist.data.shards import LabelAlignmentError, ShardError, iter_shard
 
 
+def _read_tar(path):
+    with tarfile.open(path) as t:
+        return [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+
+
+def _write_tar(path, members):
+    with tarfile.open(path, "w") as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+
+
 def _keys(split_dir):
     m = DatasetManifest.load(split_dir)
     return [s.key for sh in m.shards for s in iter_shard(split_dir / sh.name)]
@@ -48,14 +61,8 @@ def test_label_shards_align_and_a_mismatch_names_both_shards(tone_dataset, tmp_p
     # Swap two keys inside the first label shard: the reader must refuse and name both shards.
     first = DatasetManifest.load(split).shards[0].name
     shard = labels / label_shard_name(first)
-    with tarfile.open(shard) as t:
-        members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
-    members = members[2:4] + members[0:2] + members[4:]
-    with tarfile.open(shard, "w") as t:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
+    members = _read_tar(shard)
+    _write_tar(shard, members[2:4] + members[0:2] + members[4:])
     with pytest.raises(LabelAlignmentError) as e:
         list(ShardSource(split, labels_dir=labels).iter_shard(0))
     assert str(shard) in str(e.value) and str(split / first) in str(e.value)
@@ -80,3 +87,15 @@ def test_truncated_shard_is_a_clear_error(tone_dataset):
     shard.write_bytes(data[: len(data) // 2 + 7])
     with pytest.raises(ShardError, match="truncated"):
         list(iter_shard(shard))
+
+
+def test_corrupt_audio_member_names_shard_and_key(tone_dataset, tmp_path):
+    split = tone_dataset / "train"
+    shard = split / DatasetManifest.load(split).shards[0].name
+    members = _read_tar(shard)
+    bad_key = members[0][0].split(".")[0]
+    members[0] = (members[0][0], b"fLaC" + b"\x00" * 64)  # a FLAC header with garbage behind it
+    _write_tar(shard, members)
+    sample = next(iter_shard(shard))
+    with pytest.raises(ShardError, match=rf"{shard}: sample '{bad_key}' cannot be decoded"):
+        sample.audio(16000)

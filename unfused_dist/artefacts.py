@@ -31,13 +31,13 @@ def mark_done(directory: Path, info: dict[str, Any]) -> None:
     atomic_write_text(Path(directory) / DONE, json.dumps({"finished": time.time(), **info}, indent=1))
 
 
-def reset(directory: Path) -> None:
+def reset(directory: Path, keep_checkpoints: bool = True) -> None:
     """A stage dir without done.json is from a run killed half-way: its artefacts are not trusted.
-    Checkpoints (ckpt/) are kept so that training resumes."""
+    Checkpoints (ckpt/) are kept, if asked, so that training resumes."""
     directory = Path(directory)
     if directory.exists() and not is_done(directory):
         for child in directory.iterdir():
-            if child.name == "ckpt":
+            if child.name == "ckpt" and keep_checkpoints:
                 continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     directory.mkdir(parents=True, exist_ok=True)

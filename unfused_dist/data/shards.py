@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from ..audio.io import decode_mono
+from ..audio.io import AudioDecodeError, decode_mono
 from ..errors import UnfusedError
 
 SAFE_EXTENSIONS = {"flac", "wav", "json", "cls", "txt"}
@@ -43,7 +43,11 @@ class RawSample:
         ext = "flac" if "flac" in self.members else "wav"
         if ext not in self.members:
             raise ShardError(f"{self.shard}: sample '{self.key}' has no audio member")
-        wave, sr = decode_mono(self.members[ext])
+        try:
+            wave, sr = decode_mono(self.members[ext])
+        except AudioDecodeError as e:
+            raise ShardError(f"{self.shard}: sample '{self.key}' cannot be decoded ({e}); "
+                             "re-run `unfused-shards verify` and rebuild the shard") from None
         if sr != sample_rate:
             raise ShardError(f"{self.shard}: sample '{self.key}' is {sr} Hz, expected {sample_rate} Hz; "
                              "rebuild the shards with `unfused-shards build`")

@@ -60,7 +60,8 @@ def run(cfg: Config, row: str) -> None:
     if row not in ROWS:
         raise ValueError(f"finetune row '{row}' is not one of {', '.join(ROWS)}")
     out = cfg.run.path / "finetune" / row
-    reset(out)
+    # A row restarts rather than resumes: its model selection (best validation epoch) lives in memory.
+    reset(out, keep_checkpoints=False)
     init, mode = ROWS[row]
     train_full = ShardSource(split_dir(cfg, "train"))
     if init is None:
