@@ -52,3 +52,17 @@ def tone_dataset(tmp_path):
     csv_path = write_tone_corpus(tmp_path / "src")
     build(csv_path, tmp_path / "shards", workers=1, shard_samples=3, progress=False)
     return tmp_path / "shards"
+
+
+@pytest.fixture
+def append_member():
+    """Append a member with raw bytes to an existing tar (to plant foreign or corrupt members)."""
+    import io
+    import tarfile
+
+    def append(tar_path, name: str, payload: bytes) -> None:
+        with tarfile.open(tar_path, "a") as tar:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return append

@@ -149,7 +149,7 @@ def test_rebuild_is_byte_identical(corpus: Path, tmp_path: Path) -> None:
             p.name for p in (tmp_path / "b" / split).iterdir())
 
 
-def test_verify_good_truncated_and_foreign_member(corpus: Path, tmp_path: Path) -> None:
+def test_verify_good_truncated_and_foreign_member(corpus: Path, tmp_path: Path, append_member) -> None:
     out = tmp_path / "out"
     build(corpus, out, workers=2, shard_samples=2, progress=False)
     reports, errors = verify(out)
@@ -164,12 +164,7 @@ def test_verify_good_truncated_and_foreign_member(corpus: Path, tmp_path: Path) 
     shard.write_bytes(data)
     verify_split(out / "train")
 
-    foreign = out / "val/audio-000000.tar"
-    with tarfile.open(foreign, "a") as tar:
-        payload = b"\x80\x04not really a pickle"
-        info = tarfile.TarInfo("val__f.pyd")
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
+    append_member(out / "val/audio-000000.tar", "val__f.pyd", b"\x80\x04not really a pickle")
     with pytest.raises(VerifyError, match=r"audio-000000.tar: foreign member 'val__f.pyd'"):
         verify_split(out / "val")
     reports, errors = verify(out)

@@ -68,14 +68,10 @@ def test_label_shards_align_and_a_mismatch_names_both_shards(tone_dataset, tmp_p
     assert str(shard) in str(e.value) and str(split / first) in str(e.value)
 
 
-def test_a_pickle_member_is_refused_not_loaded(tone_dataset):
+def test_a_pickle_member_is_refused_not_loaded(tone_dataset, append_member):
     split = tone_dataset / "train"
     shard = split / DatasetManifest.load(split).shards[0].name
-    with tarfile.open(shard, "a") as t:
-        payload = b"cos\nsystem\n(S'echo pwned'\ntR."
-        info = tarfile.TarInfo("evil.pyd")
-        info.size = len(payload)
-        t.addfile(info, io.BytesIO(payload))
+    append_member(shard, "evil.pyd", b"cos\nsystem\n(S'echo pwned'\ntR.")
     with pytest.raises(ShardError, match=r"member 'evil.pyd' is not audio/json/text/int"):
         list(iter_shard(shard))
 
