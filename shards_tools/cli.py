@@ -6,7 +6,8 @@ Exit codes:
   verify  0 every split matches its manifest; 1 a mismatch (one line per bad split, naming the shard);
           2 no dataset found
   stats   0; 2 no dataset found or an unreadable shard
-  merge   2 (not implemented yet)
+  merge   0 merged; 2 bad input (no dataset, different sample rate/codec, a key in two inputs,
+          OUT already holds a dataset without --overwrite)
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{build,verify,stats,merge}")
 
-    b = sub.add_parser("build", help="build OUT/<split>/ shards from a folder or CSV manifest")
-    b.add_argument("src", help="folder of audio (recursive) or CSV with a path/files/wav column "
-                               "[+ label] [+ split]")
+    b = sub.add_parser("build", help="build OUT/<split>/ shards from a folder, CSV or JSONL manifest")
+    b.add_argument("src", help="folder of audio (recursive), CSV with a path/files/wav column [+ label] "
+                               "[+ split], or JSONL with path or audio_filepath [+ label] [+ split]")
     b.add_argument("out", help="output folder; one sub-folder per split")
     b.add_argument("--workers", type=int, default=None, help="decode processes (default: all CPUs)")
     b.add_argument("--shard-samples", type=int, default=1000, help="samples per shard (default 1000)")
@@ -44,8 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="clips, hours, per-label counts, duration min/mean/max")
     s.add_argument("out", help="a split dir or a folder of split dirs")
 
-    m = sub.add_parser("merge", help="(not implemented yet)")
-    m.add_argument("args", nargs="*")
+    m = sub.add_parser(
+        "merge", help="concatenate built datasets into OUT/<split>/ (shards copied byte for byte)",
+        description="Merge built datasets: for every split, OUT/<split>/ gets the inputs' shards in input "
+                    "order, renumbered, copied unchanged (same sha256), with a new manifest (summed counts, "
+                    "union of label vocabularies). Label shards (labels/ dirs) are NOT merged: re-run the "
+                    "pseudolabel stage on OUT.")
+    m.add_argument("inputs", nargs="+", metavar="INPUT", help="a built dataset folder or a single split dir")
+    m.add_argument("out", metavar="OUT", help="output folder; one sub-folder per split")
+    m.add_argument("--overwrite", action="store_true", help="replace the splits of a dataset already in OUT")
     return p
 
 
@@ -97,6 +105,20 @@ def _stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _merge(args: argparse.Namespace, argv: list[str]) -> int:
+    from shards_tools.merge import MergeError, merge
+
+    try:
+        summaries = merge(args.inputs, args.out, overwrite=args.overwrite,
+                          command=shlex.join(["unfused-shards", *argv]))
+    except MergeError as e:
+        print(f"unfused-shards merge: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for s in summaries:
+        print(s.line())
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -107,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             return _verify(args)
         if args.cmd == "stats":
             return _stats(args)
-        print("unfused-shards merge: not implemented yet", file=sys.stderr)
-        return EXIT_USAGE
+        return _merge(args, argv)
     except (SourceError, ManifestError) as e:
         print(f"unfused-shards {args.cmd}: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -5,7 +5,9 @@ Accepted sources:
   every file goes to split `train`; with labels_from_dirs the parent folder's name is the label;
 - a CSV with a header naming the path column `path` (LAPE forms: `files`, `wav`; also `file`,
   `filename`), optionally `label` (or `labels`) and `split` (default `train`). Relative paths are
-  relative to the CSV's folder.
+  relative to the CSV's folder;
+- a JSONL file (name ending in .jsonl): one JSON object per line with `path` (or NeMo's `audio_filepath`),
+  optionally `label` and `split`. Relative paths are relative to the JSONL's folder.
 
 Keys are derived from the path relative to the source root, so they are stable across machines.
 """
@@ -13,6 +15,7 @@ Keys are derived from the path relative to the source root, so they are stable a
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from unfused_dist.audio.io import AUDIO_EXTENSIONS
 
 PATH_COLUMNS = ("path", "files", "wav", "file", "filename")
 LABEL_COLUMNS = ("label", "labels")
+JSONL_PATH_FIELDS = ("path", "audio_filepath")
 DEFAULT_SPLIT = "train"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _SPLIT_OK = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -72,10 +76,11 @@ def read_source(src: str | Path, labels_from_dirs: bool = False) -> Source:
     elif src.is_file():
         if labels_from_dirs:
             raise SourceError(f"{src}: --labels-from-dirs applies to folder sources; use a `label` column")
-        rows = list(_read_csv(src))
+        is_jsonl = src.name.lower().endswith(".jsonl")
+        rows = list(_read_jsonl(src) if is_jsonl else _read_csv(src))
         root = src.parent
         if not rows:
-            raise SourceError(f"{src}: the CSV has a header but no rows")
+            raise SourceError(f"{src}: no entries" if is_jsonl else f"{src}: the CSV has a header but no rows")
     else:
         raise SourceError(f"{src}: no such file or folder; give a folder of audio or a CSV manifest")
     items = _assign_keys(rows, root)
@@ -112,11 +117,44 @@ def _read_csv(csv_path: Path):
                 continue  # blank line
             cell = lambda col: row[col].strip() if col is not None and col < len(row) else ""  # noqa: E731
             split = cell(split_col) or DEFAULT_SPLIT
-            if not _SPLIT_OK.match(split):
-                raise SourceError(
-                    f"{csv_path}:{lineno}: split {split!r} is not a valid folder name (use letters, digits, _ or -)"
-                )
+            _check_split(csv_path, lineno, split)
             yield cell(path_col), cell(label_col) or None, split
+
+
+def _check_split(src: Path, lineno: int, split: str) -> None:
+    if not _SPLIT_OK.match(split):
+        raise SourceError(f"{src}:{lineno}: split {split!r} is not a valid folder name (use letters, digits, _ or -)")
+
+
+def _read_jsonl(jsonl_path: Path):
+    """Rows (path, label, split) like _read_csv's, so both share _assign_keys. A malformed line stops the
+    build (unlike a bad audio file): it usually means the whole manifest is wrong."""
+    with open(jsonl_path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            yield _parse_jsonl_line(jsonl_path, lineno, line)
+
+
+def _parse_jsonl_line(jsonl_path: Path, lineno: int, line: str) -> tuple[str, str | None, str]:
+    where = f"{jsonl_path}:{lineno}"
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        raise SourceError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise SourceError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    field = next((f for f in JSONL_PATH_FIELDS if f in obj), None)
+    if field is None:
+        raise SourceError(f"{where}: no path field; name it one of {', '.join(JSONL_PATH_FIELDS)}")
+    values = {k: obj.get(k) for k in (field, "label", "split")}
+    # strings only: str(3) as a label would sort '10' before '2' and silently reorder class ids
+    bad = next((k for k, v in values.items() if v is not None and not isinstance(v, str)), None)
+    if bad:
+        raise SourceError(f"{where}: {bad!r} must be a string, got {values[bad]!r}")
+    split = (values["split"] or "").strip() or DEFAULT_SPLIT
+    _check_split(jsonl_path, lineno, split)
+    return (values[field] or "").strip(), (values["label"] or "").strip() or None, split
 
 
 def _assign_keys(rows, root: Path) -> list[SourceItem]:
