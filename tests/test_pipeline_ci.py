@@ -100,3 +100,13 @@ def test_a_different_config_in_the_same_run_dir_is_refused(ci_run):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "different config (distill.epochs: " in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_dataset_fails_before_anything_runs(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "unfused_dist.cli", "run", "pipeline", "-c", "configs/ci.yaml",
+                           f"run.dir={run_dir}", f"data.target={tmp_path / 'nowhere'}"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{tmp_path / 'nowhere' / 'train' / 'manifest.json'}: no manifest" in proc.stderr
+    assert not run_dir.exists()  # the corrected command is not refused as a "different config"

@@ -39,9 +39,11 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def cmd_run(args) -> None:
-    from .pipeline import run_pipeline, run_stage
+    from .pipeline import check_inputs, run_pipeline, run_stage
 
     cfg = load_config(args.config, args.overrides)
+    if args.stage == "pipeline":
+        check_inputs(cfg)  # before the run dir is created, so a corrected command is not refused
     config_path = prepare_run_dir(cfg)
     if args.stage == "pipeline":
         run_pipeline(cfg, config_path)

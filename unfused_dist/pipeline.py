@@ -49,6 +49,19 @@ def stage_command(cfg: Config, name: str, config_path: Path) -> list[str]:
     return [sys.executable, *cli]
 
 
+def check_inputs(cfg: Config) -> None:
+    """Fail in a second, not after an hour of pre-training: every dataset the stages read must exist,
+    and the target must be labelled with at least two classes."""
+    from .data.manifest import DatasetManifest
+
+    DatasetManifest.load(cfg.data.pool)
+    for split in ("train", "val", "test"):
+        labels = DatasetManifest.load(Path(cfg.data.target) / split).labels or []
+        if len(labels) < 2:
+            raise UnfusedError(f"{Path(cfg.data.target) / split}: the target dataset needs labels (found "
+                               f"{len(labels)} classes); build it from a manifest with a label column")
+
+
 def run_pipeline(cfg: Config, config_path: Path) -> None:
     t_start = time.time()
     summary = []
