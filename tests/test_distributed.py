@@ -38,7 +38,7 @@ def _engine_worker(rank, world, port, out, zero_stage):
                       OptimConfig(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, schedule="constant"),
                       micro_batch=per, total_steps=3, ckpt_dir=out / f"ckpt{world}", config_hash="t", desc="t")
     mine = [(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])]
-    trainer.fit(lambda epoch: mine, steps_per_epoch=1, epochs=3, clips_per_step=per)
+    trainer.fit(lambda epoch, start: mine[start:], steps_per_epoch=1, epochs=3, clips_per_step=per)
     if rank == 0:
         torch.save({k: v.clone() for k, v in trainer.module.state_dict().items()}, out / f"w{world}.pt")
 

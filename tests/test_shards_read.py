@@ -30,9 +30,11 @@ def _keys(split_dir):
 
 def test_assign_shards_covers_every_shard_once_per_epoch():
     for epoch in range(3):
-        plan = assign_shards(11, seed=5, epoch=epoch, world=2, workers=2, shuffle=True)
+        plan = assign_shards(11, seed=5, epoch=epoch, world=2, lanes=2, shuffle=True)
         flat = [s for rank in plan for w in rank for s in w]
         assert sorted(flat) == list(range(11))
+        equal = assign_shards(11, seed=5, epoch=epoch, world=2, lanes=2, shuffle=True, equal=True)
+        assert {len(w) for rank in equal for w in rank} == {2}  # 8 of 11 shards, 2 per lane
     assert assign_shards(11, 5, 0, 2, 2, True) != assign_shards(11, 5, 1, 2, 2, True)
 
 
@@ -43,10 +45,12 @@ def test_ranks_read_disjoint_samples_and_the_same_number_of_batches(tone_dataset
     for rank in range(2):
         stream = ShardStream(ShardSource(split), lambda s, rng: s.key, seed=1, shuffle=True, rank=rank, world=2)
         seen.append(list(stream))
-        counts.append(stream.batches_per_epoch(2, workers=1))
+        train = ShardStream(ShardSource(split), lambda s, rng: s.key, seed=1, shuffle=True, rank=rank, world=2,
+                            batch_size=2)
+        counts.append((len(list(train)) // 2, train.batches_per_epoch()))
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(_keys(split))
-    assert counts[0] == counts[1] > 0
+    assert counts[0] == counts[1] and counts[0][0] == counts[0][1] > 0
 
 
 def test_label_shards_align_and_a_mismatch_names_both_shards(tone_dataset, tmp_path):

@@ -14,16 +14,24 @@ from .manifest import DatasetManifest
 from .shards import RawSample, iter_shard, iter_shard_with_labels
 
 
-def assign_shards(n_shards: int, seed: int, epoch: int, world: int, workers: int,
-                  shuffle: bool) -> list[list[list[int]]]:
-    """plan[rank][worker] = shard indices. The order is shuffled by (seed, epoch), then dealt round-robin."""
+def assign_shards(n_shards: int, seed: int, epoch: int, world: int, lanes: int, shuffle: bool,
+                  equal: bool = False) -> list[list[list[int]]]:
+    """plan[rank][lane] = shard indices (a lane is a DataLoader worker, or the main process). The order is
+    shuffled by (seed, epoch), then dealt round-robin; `equal` deals only whole rounds, so every lane gets
+    the same number of shards (the few left over rotate from epoch to epoch with the shuffle)."""
     order = np.arange(n_shards)
     if shuffle:
         order = np.random.default_rng([seed, epoch]).permutation(n_shards)
-    plan = [[[] for _ in range(workers)] for _ in range(world)]
+    if equal:
+        order = order[: n_shards - n_shards % (world * lanes)]
+    plan = [[[] for _ in range(lanes)] for _ in range(world)]
     for i, shard in enumerate(order):
-        plan[i % world][(i // world) % workers].append(int(shard))
+        plan[i % world][(i // world) % lanes].append(int(shard))
     return plan
+
+
+class LoaderStateError(ValueError):
+    pass
 
 
 @dataclass
@@ -59,42 +67,79 @@ def label_shard_name(audio_shard_name: str) -> str:
 
 
 class ShardStream(IterableDataset):
-    """Yields transform(sample) for this rank's and this worker's shards of one epoch."""
+    """Yields transform(sample, rng) for this rank's and this worker's shards of one epoch.
+
+    Training mode (`batch_size` set): every lane (DataLoader worker) of every rank yields exactly
+    `batches_per_lane()` full batches, so all ranks step together and the DataLoader's in-order round robin
+    over lanes is exact. The position in an epoch is then one number, the batches consumed, and resuming
+    from it skips the samples already delivered without decoding them. Each sample's `rng` is seeded by
+    its place in the epoch, so crops after a resume equal those of an uninterrupted run.
+    Evaluation mode (`batch_size` None): every sample once, in shard order when `shuffle` is off."""
 
     def __init__(self, source: ShardSource, transform: Callable[[RawSample, np.random.Generator], object],
-                 seed: int, shuffle: bool, rank: int = 0, world: int = 1, shuffle_buffer: int = 1000):
+                 seed: int, shuffle: bool, rank: int = 0, world: int = 1, workers: int = 0,
+                 batch_size: int | None = None, shuffle_buffer: int = 1000):
         self.source, self.transform = source, transform
         self.seed, self.shuffle, self.rank, self.world = seed, shuffle, rank, world
-        self.shuffle_buffer = shuffle_buffer
-        self.epoch = 0
+        self.workers, self.batch_size, self.shuffle_buffer = workers, batch_size, shuffle_buffer
+        self.lanes = max(workers, 1)
+        self.epoch = self.batches_done = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_position(self, epoch: int, batches_done: int = 0) -> None:
+        self.epoch, self.batches_done = epoch, batches_done
+
+    def layout(self) -> dict:
+        """What must not change for a resume to be exact."""
+        return {"world": self.world, "workers": self.workers, "batch_size": self.batch_size, "seed": self.seed,
+                "shards": len(self.source.counts)}
+
+    def state_dict(self) -> dict:
+        return {**self.layout(), "epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        changed = [f"{k} {state.get(k)} -> {v}" for k, v in self.layout().items() if state.get(k) != v]
+        if changed:
+            raise LoaderStateError(f"{self.source.split_dir}: the data layout changed since the checkpoint "
+                                   f"({', '.join(changed)}); resume with the same settings or start a new run")
+        self.set_position(state["epoch"], state["batches_done"])
+
+    def batches_per_lane(self) -> int:
+        """Full batches each lane yields in any epoch: the k smallest shards' samples, k shards per lane."""
+        k = len(self.source.counts) // (self.world * self.lanes)
+        q = sum(sorted(self.source.counts)[:k]) // self.batch_size if k else 0
+        if q == 0:
+            raise LoaderStateError(
+                f"{self.source.split_dir}: {len(self.source.counts)} shards cannot give each of {self.world} "
+                f"ranks x {self.lanes} workers a full batch of {self.batch_size}; build more, smaller shards "
+                "(unfused-shards build --shard-samples), or lower the batch size or data.num_workers")
+        return q
+
+    def batches_per_epoch(self) -> int:
+        return self.batches_per_lane() * self.lanes
 
     def __iter__(self):
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        plan = assign_shards(len(self.source.counts), self.seed, self.epoch, self.world, workers, self.shuffle)
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        samples = (s for i in plan[self.rank][worker] for s in self.source.iter_shard(i))
+        # The DataLoader's round robin restarts at worker 0, but after n batches the next one is lane
+        # n % lanes's: rotate the worker -> lane map so the interleaving continues where it stopped.
+        lane = ((info.id if info else 0) + self.batches_done) % self.lanes
+        training = self.batch_size is not None
+        plan = assign_shards(len(self.source.counts), self.seed, self.epoch, self.world, self.lanes,
+                             self.shuffle, equal=training)
+        samples = (s for i in plan[self.rank][lane] for s in self.source.iter_shard(i))
         if self.shuffle:
-            samples = _buffer_shuffle(samples, self.shuffle_buffer, rng)
-        for s in samples:
-            yield self.transform(s, rng)
-
-    def batches_per_epoch(self, batch_size: int, workers: int, drop_last: bool = True) -> int:
-        """Batches every rank yields: the minimum over ranks, so all ranks step together."""
-        workers = max(workers, 1)
-        plan = assign_shards(len(self.source.counts), self.seed, self.epoch, self.world, workers, self.shuffle)
-        per_rank = []
-        for rank_plan in plan:
-            n = [sum(self.source.counts[i] for i in w) for w in rank_plan]
-            per_rank.append(sum(c // batch_size if drop_last else -(-c // batch_size) for c in n))
-        if min(per_rank) == 0:
-            raise ValueError(f"{self.source.split_dir}: {len(self.source.counts)} shards give some rank no full batch "
-                             f"of {batch_size} with {self.world} ranks x {workers} workers; build smaller shards "
-                             "(unfused-shards build --shard-samples) or lower the batch size")
-        return min(per_rank)
+            samples = _buffer_shuffle(samples, self.shuffle_buffer,
+                                      np.random.default_rng([self.seed, self.epoch, self.rank, lane]))
+        quota = skip = None
+        if training:
+            quota = self.batches_per_lane() * self.batch_size
+            mine = self.batches_done // self.lanes + (lane < self.batches_done % self.lanes)
+            skip = mine * self.batch_size
+        for j, s in enumerate(samples):
+            if quota is not None and j >= quota:
+                break
+            if skip and j < skip:  # delivered before the resume point: never decoded
+                continue
+            yield self.transform(s, np.random.default_rng([self.seed, self.epoch, self.rank, lane, j]))
 
 
 def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
@@ -107,9 +152,13 @@ def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Ite
         yield buf.pop(int(rng.integers(len(buf))))
 
 
-def make_loader(stream: ShardStream, batch_size: int, workers: int, drop_last: bool) -> DataLoader:
-    return DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=drop_last,
-                      persistent_workers=False, collate_fn=_collate)
+def make_loader(stream: ShardStream, batch_size: int | None = None) -> DataLoader:
+    """Training streams batch with their own batch size (full batches only); evaluation streams keep
+    the last partial batch."""
+    training = stream.batch_size is not None
+    return DataLoader(stream, batch_size=stream.batch_size if training else batch_size,
+                      num_workers=stream.workers, drop_last=training, persistent_workers=False,
+                      collate_fn=_collate)
 
 
 def _collate(items: list) -> tuple:

@@ -61,16 +61,20 @@ class Trainer:
             model=module, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(engine_cfg, micro_batch))
         self.progress = Progress()
+        self.data_layout: dict | None = None
 
     @property
     def module(self) -> nn.Module:
         return self.engine.module
 
-    def fit(self, batches: Callable[[int], Iterable], steps_per_epoch: int, epochs: int,
+    def fit(self, batches: Callable[[int, int], Iterable], steps_per_epoch: int, epochs: int,
             clips_per_step: int, on_epoch_end: Callable[[int], dict] | None = None,
-            max_steps: int = 0) -> Progress:
+            max_steps: int = 0, data_layout: dict | None = None) -> Progress:
         """Train `epochs` x `steps_per_epoch` micro-steps (at most `max_steps` if set), resuming from the
-        newest checkpoint if any. `on_epoch_end(epoch)` may return values to log with the epoch's last step."""
+        newest checkpoint if any. `batches(epoch, start)` yields the epoch's batches from batch `start` on;
+        `data_layout` (world size, workers, batch size...) must be unchanged for a resume to be exact.
+        `on_epoch_end(epoch)` may return values to log with the epoch's last step."""
+        self.data_layout = data_layout
         self.resume()
         p = self.progress
         total = min(steps_per_epoch * epochs, max_steps or steps_per_epoch * epochs)
@@ -79,11 +83,9 @@ class Trainer:
         last_save = time.time()
         while p.global_step < total:
             self.module.train()
-            for i, batch in enumerate(batches(p.epoch)):
+            for i, batch in enumerate(batches(p.epoch, p.step_in_epoch), start=p.step_in_epoch):
                 if i >= steps_per_epoch or p.global_step >= total:
                     break
-                if i < p.step_in_epoch:  # resumed mid-epoch: these batches were already trained on
-                    continue
                 self._step(batch, i, clips_per_step)
                 bar.update(1)
                 h = p.history[-1]
@@ -128,7 +130,8 @@ class Trainer:
                                  "torch": torch.get_rng_state()})
         p = self.progress
         state = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step,
-                 "history": p.history, "world_size": self.world, "config_hash": self.config_hash, "rng": rng}
+                 "history": p.history, "world_size": self.world, "config_hash": self.config_hash, "rng": rng,
+                 "data_layout": self.data_layout}
         tag = f"step{p.global_step:08d}"
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
         if is_main():  # readable without unpickling, to refuse a changed world size before loading
@@ -146,6 +149,9 @@ class Trainer:
         path, state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         if path is None:
             raise ResumeError(f"{self.ckpt_dir}/{tag}: checkpoint could not be loaded; delete it to restart")
+        if state.get("data_layout") != self.data_layout:
+            raise ResumeError(f"{self.ckpt_dir}/{tag}: data layout {state.get('data_layout')} differs from now "
+                              f"({self.data_layout}); resume with the same data.num_workers and batch size")
         p = self.progress
         p.epoch, p.step_in_epoch, p.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         p.history = state["history"]

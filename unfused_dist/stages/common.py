@@ -76,9 +76,9 @@ def embed_split(encoder: AudioNTT, features: Features, source: ShardSource, cfg:
     """Frozen-encoder embeddings of every clip of a split, in shard order: keys, (N, D) float32, label ids.
     pooling: 'embedding' (mean+max over time), 'mean' (mean over time), 'block1' (x1)."""
     encoder.eval()
-    stream = ShardStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), seed=0,
-                         shuffle=False)
-    loader = make_loader(stream, cfg.pseudolabel.batch_size, cfg.data.num_workers, drop_last=False)
+    stream = ShardStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), seed=0, shuffle=False,
+                         workers=cfg.data.num_workers)
+    loader = make_loader(stream, cfg.pseudolabel.batch_size)
     keys, embs, labels = [], [], []
     with tqdm(total=sum(source.counts), desc=desc, unit="clip", disable=not is_main(), dynamic_ncols=True) as bar:
         for wave, label, key in loader:
@@ -108,7 +108,7 @@ def labelled_subset(source: ShardSource, per_class: int, seed: int) -> ShardSour
     return ShardSource(source.split_dir, source.labels_dir, keys=frozenset(k for _, k, _ in chosen), counts=counts)
 
 
-def tensor_batches(n: int, batch: int, seed: int, epoch: int):
+def tensor_batches(n: int, batch: int, seed: int, epoch: int) -> list[np.ndarray]:
     """Index batches of an in-memory set for this rank: a seeded permutation per epoch, split evenly."""
     rank, world = rank_world()
     perm = np.random.default_rng([seed, epoch]).permutation(n)
@@ -127,18 +127,20 @@ def train_encoder(cfg: Config, module: nn.Module, encoder: AudioNTT, source: Sha
     the engine for `stage.epochs` (capped at `stage.max_steps`), export the encoder, mark the stage done."""
     rank, world = init_distributed()
     stream = ShardStream(source, transform, cfg.run.seed, shuffle=True, rank=rank, world=world,
+                         workers=cfg.data.num_workers, batch_size=stage.batch_size,
                          shuffle_buffer=cfg.data.shuffle_buffer)
-    steps = stream.batches_per_epoch(stage.batch_size, cfg.data.num_workers)
+    steps = stream.batches_per_epoch()
     epochs = stage.epochs if not stage.max_steps else -(-stage.max_steps // steps)
     total = min(steps * epochs, stage.max_steps or steps * epochs)
     trainer = Trainer(module, cfg.engine, stage.optim, stage.batch_size, total, out / "ckpt", cfg.hash(),
                       desc=out.name)
 
-    def batches(epoch):
-        stream.set_epoch(epoch)
-        return make_loader(stream, stage.batch_size, cfg.data.num_workers, drop_last=True)
+    def batches(epoch, start):
+        stream.set_position(epoch, start)
+        return make_loader(stream)
 
-    progress = trainer.fit(batches, steps, epochs, stage.batch_size, max_steps=total)
+    progress = trainer.fit(batches, steps, epochs, stage.batch_size, max_steps=total,
+                           data_layout=stream.layout())
     state = full_state_dict(encoder, cfg.engine.zero_stage)  # collective under ZeRO-3: every rank calls it
     if is_main():
         export_encoder(encoder, out, state=state, meta={"stage": out.name, "norm_mean": norm[0], "norm_std": norm[1]})

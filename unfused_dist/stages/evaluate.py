@@ -46,9 +46,10 @@ def run(cfg: Config) -> dict:
 @torch.no_grad()
 def _logmel_stats(cfg: Config, source: ShardSource) -> tuple[np.ndarray, np.ndarray]:
     logmel = LogMel(cfg.audio)
-    stream = ShardStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), 0, shuffle=False)
+    stream = ShardStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), 0, shuffle=False,
+                         workers=cfg.data.num_workers)
     xs, ys = [], []
-    for wave, label, _ in make_loader(stream, 256, cfg.data.num_workers, drop_last=False):
+    for wave, label, _ in make_loader(stream, 256):
         m = logmel(wave)[:, 0]
         xs.append(torch.cat([m.mean(-1), m.std(-1)], 1).numpy())
         ys.append(label.numpy())

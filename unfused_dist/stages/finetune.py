@@ -95,9 +95,9 @@ def _finetune(cfg, encoder, features, train, n_classes, out):
     rank, world = init_distributed()
     # Fine-tuning trains on crops of the task's length, as it is evaluated (METHOD.md: task-specific crops).
     stream = ShardStream(train, train_transform(cfg.audio, "label", cfg.data.task_seconds), cfg.run.seed,
-                         shuffle=True, rank=rank,
-                         world=world, shuffle_buffer=cfg.data.shuffle_buffer)
-    steps = stream.batches_per_epoch(c.batch_size, cfg.data.num_workers)
+                         shuffle=True, rank=rank, world=world, workers=cfg.data.num_workers,
+                         batch_size=c.batch_size, shuffle_buffer=cfg.data.shuffle_buffer)
+    steps = stream.batches_per_epoch()
     trainer = Trainer(model, cfg.engine, c.optim, c.batch_size, steps * c.epochs, out / "ckpt", cfg.hash(),
                       desc=f"finetune {out.name}")
     best = {"val_acc": -1.0, "best_epoch": -1, "state": None}
@@ -110,11 +110,11 @@ def _finetune(cfg, encoder, features, train, n_classes, out):
             best.update(val_acc=acc, best_epoch=epoch, state=copy.deepcopy(trainer.module.state_dict()))
         return {"val_acc": acc}
 
-    def batches(epoch):
-        stream.set_epoch(epoch)
-        return make_loader(stream, c.batch_size, cfg.data.num_workers, drop_last=True)
+    def batches(epoch, start):
+        stream.set_position(epoch, start)
+        return make_loader(stream)
 
-    progress = trainer.fit(batches, steps, c.epochs, c.batch_size, on_epoch_end)
+    progress = trainer.fit(batches, steps, c.epochs, c.batch_size, on_epoch_end, data_layout=stream.layout())
     result = {}
     if is_main():
         trainer.module.load_state_dict(best.pop("state"))
@@ -152,8 +152,9 @@ def _probe(cfg, encoder, features, train, n_classes, out):
             best.update(val_acc=acc, best_epoch=epoch, state=copy.deepcopy(trainer.module.state_dict()))
         return {"val_acc": acc}
 
-    def batches(epoch):
-        return [(xs["train"][i], ys["train"][i]) for i in tensor_batches(n, c.batch_size, cfg.run.seed, epoch)]
+    def batches(epoch, start):
+        index = tensor_batches(n, c.batch_size, cfg.run.seed, epoch)[start:]
+        return [(xs["train"][i], ys["train"][i]) for i in index]
 
     progress = trainer.fit(batches, steps, c.probe_epochs, c.batch_size, on_epoch_end)
     trainer.module.load_state_dict(best.pop("state"))  # the test split is read once, for the selected model
@@ -168,9 +169,10 @@ def _labelled(cfg: Config, split: str) -> ShardSource:
 def accuracy(model: Classifier, split: str, cfg: Config) -> float:
     model.eval()
     source = _labelled(cfg, split)
-    stream = ShardStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), seed=0, shuffle=False)
+    stream = ShardStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), seed=0, shuffle=False,
+                         workers=cfg.data.num_workers)
     correct = total = 0
-    for wave, label, _ in make_loader(stream, cfg.pseudolabel.batch_size, cfg.data.num_workers, drop_last=False):
+    for wave, label, _ in make_loader(stream, cfg.pseudolabel.batch_size):
         correct += int((model.logits(wave).argmax(1) == label).sum())
         total += len(label)
     model.train()
