@@ -13,8 +13,9 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import soundfile as sf
-import soxr
 from tqdm import tqdm
+
+from unfused_dist.audio.io import resample, to_mono
 
 # Bump when the generated audio or manifests change, so old .done stamps stop matching.
 VERSION = 2
@@ -70,10 +71,8 @@ def slug(text: str) -> str:
 
 
 def to_mono_16k(x: np.ndarray, sr: int) -> np.ndarray:
-    if x.ndim == 2:
-        x = x.mean(axis=1)
-    x = x.astype(np.float32, copy=False)
-    return soxr.resample(x, sr, SR).astype(np.float32) if sr != SR else x
+    """soundfile's (frames, channels) or (frames,) -> 16 kHz mono float32, as the shard builder does it."""
+    return resample(to_mono(x.T if x.ndim == 2 else x), sr, SR)
 
 
 def load_window(path: Path, start_s: float, dur_s: float) -> np.ndarray:

@@ -7,16 +7,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from ..engine.distributed import rank_world
 
 
 @torch.no_grad()
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    rank, world = _world()
+    world = rank_world()[1]
     if world == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world)]
@@ -25,14 +21,14 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    _, world = _world()
+    world = rank_world()[1]
     return x if world == 1 else torch.cat(all_gather_with_grad(x.contiguous()))
 
 
 def instance_nce(q: torch.Tensor, k_all: torch.Tensor, temperature: float) -> torch.Tensor:
     """q: this rank's (B, D) normalised queries; k_all: (world*B, D) normalised keys from every rank.
     The positive of query i is key rank*B + i; every other key of every rank is a negative."""
-    rank, _ = _world()
+    rank = rank_world()[0]
     logits = q @ k_all.t() / temperature
     target = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
     return F.cross_entropy(logits, target)
