@@ -1,37 +1,54 @@
-"""Build WebDataset audio shards (16 kHz mono FLAC + JSON) from a folder or CSV manifest, one dir per split.
+"""Build WebDataset audio shards (mono FLAC or WAV + JSON, one rate) from a folder, CSV or JSONL manifest,
+one dir per split.
 
-Bad inputs never stop a build: each one becomes a line in OUT/<split>/rejected.jsonl and is counted.
-Decoding runs in a process pool, but results are consumed in source order (imap), so the shards are a
-pure function of the source: rebuilding gives byte-identical tars.
+How a build runs (per split):
+1. survey every file (stat, and the header when segmenting or sizing shards in MB) and plan the shards
+   (plan.py): which sample goes where is fixed before anything is decoded;
+2. each shard not already on disk is written by one worker process: decode, resample, encode, tar under
+   a temporary name, rename, then a small record `.build/<shard>.json` (fingerprint, counts, sha256,
+   rejections). A shard whose record matches the plan is kept as it is, so running the same command
+   again after an interrupted build writes only the missing shards;
+3. the manifest is written last, from the records; its presence marks the split complete.
+
+Bad inputs never stop a build: each becomes a line in OUT/<split>/rejected.jsonl and is counted.
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
-from multiprocessing import Pool
+from multiprocessing import Pool, SimpleQueue
 from pathlib import Path
 
 from tqdm import tqdm
 
-from shards_tools.shardwriter import ShardWriter
-from shards_tools.sources import Source, SourceItem, read_source
-from unfused_dist.audio.io import TARGET_SR, AudioDecodeError, encode_flac, load_file, resample
-from unfused_dist.data.manifest import MANIFEST_NAME, SHARD_GLOB, BuildInfo, DatasetManifest
+from shards_tools.plan import Entry, ShardPlan, plan_shards, segment_entries, survey
+from shards_tools.sources import Source, SourceError, read_source
+from unfused_dist.artefacts import atomic_write_text
+from unfused_dist.audio.io import CODECS, TARGET_SR, AudioDecodeError, encode_audio, load_file, load_frames, resample
+from unfused_dist.data.manifest import MANIFEST_NAME, SHARD_GLOB, BuildInfo, DatasetManifest, ShardInfo
+from unfused_dist.data.shardwriter import TarShard
 
 REJECTED_NAME = "rejected.jsonl"
-CODEC = "flac"
+RECORDS_DIR = ".build"
 
 
 @dataclass(frozen=True)
-class Encoded:
-    flac: bytes
-    meta: bytes
-    seconds: float
+class Options:
+    sample_rate: int = TARGET_SR
+    codec: str = "flac"
+    shard_samples: int = 1000
+    shard_mb: float | None = None
+    segment_seconds: float | None = None
 
 
 @dataclass
@@ -41,126 +58,273 @@ class SplitSummary:
     clips: int
     seconds: float
     shards: int
+    reused: int
     rejected: int
     bytes: int
 
     def line(self) -> str:
-        return (
-            f"{self.split}: {self.clips} clips, {self.seconds / 3600:.3f} h, {self.shards} shards, "
-            f"{self.rejected} rejected, {self.bytes / 1e6:.1f} MB -> {self.directory}"
-        )
+        kept = f" ({self.reused} already built)" if self.reused else ""
+        return (f"{self.split}: {self.clips} clips, {self.seconds / 3600:.3f} h, {self.shards} shards{kept}, "
+                f"{self.rejected} rejected, {self.bytes / 1e6:.1f} MB -> {self.directory}")
 
 
-def encode_item(item: SourceItem, sample_rate: int = TARGET_SR) -> Encoded | str:
-    """Worker: file -> Encoded, or a short rejection reason. Never raises: one bad file must not kill
-    the pool (and with it the build)."""
-    if item.error:
-        return item.error
-    try:
-        x, sr = load_file(item.path)
-        y = resample(x, sr, sample_rate)
-        if y.size == 0:
-            return "zero-length after resampling"
-        seconds = y.size / sample_rate
-        meta = {"id": item.key, "duration": seconds, "label": item.label, "source": item.source,
-                "orig_sample_rate": sr}
-        return Encoded(encode_flac(y, sample_rate), json.dumps(meta, sort_keys=True).encode(), seconds)
-    except AudioDecodeError as e:
-        return e.reason
-    except Exception as e:  # noqa: BLE001 - anything unexpected is still just one rejected file
-        return f"error: {type(e).__name__}: {str(e)[:120]}"
-
-
-def build(
-    src: str | Path,
-    out: str | Path,
-    *,
-    workers: int | None = None,
-    shard_samples: int = 1000,
-    shard_mb: float | None = None,
-    sample_rate: int = TARGET_SR,
-    labels_from_dirs: bool = False,
-    command: str = "",
-    progress: bool = True,
-) -> list[SplitSummary]:
+def build(src: str | Path, out: str | Path, *, workers: int | None = None, shard_samples: int = 1000,
+          shard_mb: float | None = None, segment_seconds: float | None = None, sample_rate: int = TARGET_SR,
+          codec: str = "flac", labels_from_dirs: bool = False, command: str = "",
+          progress: bool = True) -> list[SplitSummary]:
     """Build OUT/<split>/ for every split in SRC; returns one summary per split (in source order).
-    Raises SourceError (from sources.py) when SRC itself is unusable."""
+    Raises SourceError when SRC itself is unusable or another build holds OUT/<split>."""
+    if codec not in CODECS:
+        raise SourceError(f"codec {codec!r} is not one of {', '.join(CODECS)}")
     source = read_source(src, labels_from_dirs=labels_from_dirs)
-    out = Path(out)
-    workers = max(1, workers or os.cpu_count() or 1)
-    max_bytes = int(shard_mb * 1e6) if shard_mb else None
-    encode = partial(encode_item, sample_rate=sample_rate)
-    pool = Pool(workers) if workers > 1 else None
-    try:
-        summaries = []
-        for split in source.splits():
-            items = [i for i in source.items if i.split == split]
-            # chunks amortise IPC; small enough that the progress bar and ordering stay smooth
-            chunk = max(1, min(16, len(items) // (workers * 4)))
-            results = pool.imap(encode, items, chunksize=chunk) if pool else map(encode, items)
-            summaries.append(
-                _build_split(source, split, items, results, out / split, sample_rate, shard_samples,
-                             max_bytes, command or f"shards_tools.build.build({str(src)!r})", progress)
-            )
-        return summaries
-    finally:
-        if pool:
-            pool.terminate()
-            pool.join()
+    opts = Options(sample_rate, codec, shard_samples, shard_mb, segment_seconds)
+    command = command or f"shards_tools.build.build({str(src)!r})"
+    with _Workers(workers or os.cpu_count() or 1) as pool:
+        return [_build_split(source, split, Path(out) / split, opts, pool, command, progress)
+                for split in source.splits()]
 
 
-def _build_split(source: Source, split: str, items: list[SourceItem], results, directory: Path,
-                 sample_rate: int, shard_samples: int, max_bytes: int | None, command: str,
+def _build_split(source: Source, split: str, directory: Path, opts: Options, pool: _Workers, command: str,
                  progress: bool) -> SplitSummary:
     directory.mkdir(parents=True, exist_ok=True)
-    _remove_stale(directory)
-    writer = ShardWriter(directory, max_samples=shard_samples, max_bytes=max_bytes)
-    rejected: list[dict] = []
-    seconds = 0.0
-    bar = tqdm(total=len(items), desc=split, unit="file", file=sys.stderr, disable=not progress,
-               dynamic_ncols=True)
-    try:
-        for item, result in zip(items, results):
-            if isinstance(result, Encoded):
-                writer.add(item.key, [("flac", result.flac), ("json", result.meta)], result.seconds)
-                seconds += result.seconds
-            else:
-                rejected.append({"path": item.source, "reason": result, "split": split})
-            bar.update(1)
-            bar.set_postfix_str(f"{seconds / 3600:.3f} h audio, {len(rejected)} rejected", refresh=False)
-        shards = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-    if rejected:
-        lines = "".join(json.dumps(r) + "\n" for r in rejected)
-        (directory / REJECTED_NAME).write_text(lines)
-    manifest = DatasetManifest(
-        split=split,
-        sample_rate=sample_rate,
-        codec=CODEC,
-        num_samples=sum(s.num_samples for s in shards),
-        total_seconds=round(sum(s.seconds for s in shards), 6),
-        labels=source.labels,
-        shards=shards,
-        build=BuildInfo(
-            command=command,
-            source=os.path.abspath(source.origin),
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            rejected=len(rejected),
-        ),
-    )
-    manifest.save(directory)  # last: its presence marks the split complete
+    records_dir = directory / RECORDS_DIR
+    records_dir.mkdir(exist_ok=True)
+    with _exclusive(records_dir / "lock", directory):
+        # manifest first: from here until the end the split is visibly incomplete
+        (directory / MANIFEST_NAME).unlink(missing_ok=True)
+        for tmp in directory.glob(".audio-*.tmp"):
+            tmp.unlink()
+        items = [i for i in source.items if i.split == split]
+        entries, rejected = _plan_entries(items, opts, pool)
+        plans = plan_shards(entries, opts.shard_samples, int(opts.shard_mb * 1e6) if opts.shard_mb else None,
+                            opts.sample_rate, opts.codec)
+        records = {p.name: r for p in plans if (r := _load_record(directory, p)) is not None}
+        todo = [p for p in plans if p.name not in records]
+        write = partial(write_shard, directory=directory, opts=opts)
+        total = sum(len(p.entries) for p in todo)
+        with _Progress(split, total, pool.queue, progress) as bar:
+            for record in pool.imap_unordered(write, todo):
+                records[record["name"]] = record
+                bar.rejected += len(record["rejected"])
+        records = [records[p.name] for p in plans]
+        rejected += [r for rec in records for r in rec["rejected"]]
+        rejected.sort(key=lambda r: r["order"])
+        shards = [ShardInfo(**rec["shard"]) for rec in records if rec["shard"]]
+        _remove_stale(directory, {s.name for s in shards}, {p.name for p in plans})
+        _write_rejected(directory / REJECTED_NAME, rejected, split)
+        manifest = DatasetManifest(
+            split=split, sample_rate=opts.sample_rate, codec=opts.codec,
+            num_samples=sum(s.num_samples for s in shards),
+            total_seconds=round(sum(s.seconds for s in shards), 6),
+            labels=source.labels, shards=shards,
+            build=BuildInfo(command=command, source=os.path.abspath(source.origin),
+                            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            rejected=len(rejected)))
+        manifest.save(directory)
     return SplitSummary(split, directory, manifest.num_samples, manifest.total_seconds, len(shards),
-                        len(rejected), writer.total_bytes)
+                        len(plans) - len(todo), len(rejected), sum(r["size"] for r in records))
 
 
-def _remove_stale(directory: Path) -> None:
-    """Clear a previous build's outputs (manifest first, so a crash mid-way never leaves a manifest
-    describing shards that are gone). Only our own file names are touched; labels/ is kept."""
-    (directory / MANIFEST_NAME).unlink(missing_ok=True)
-    (directory / REJECTED_NAME).unlink(missing_ok=True)
-    for p in list(directory.glob(SHARD_GLOB)) + list(directory.glob(".audio-*.tar.tmp")):
-        p.unlink()
+def _plan_entries(items, opts: Options, pool: _Workers) -> tuple[list[Entry], list[dict]]:
+    """Entries to write, in source order, and the items rejected before decoding (duplicates...)."""
+    with_header = bool(opts.segment_seconds or opts.shard_mb)
+    surveys = pool.imap(partial(survey, with_header=with_header), items, chunksize=64)
+    entries, rejected, seen = [], [], {}
+    for order, (item, info) in enumerate(zip(items, surveys)):
+        if item.error:
+            rejected.append(_rejection(order, item.source, item.error))
+            continue
+        for e in segment_entries(order, item, info, opts.segment_seconds):
+            if e.key in seen:  # a segment key can meet a real file's key: a/b.wav cut vs a/b__seg00000.wav
+                rejected.append(_rejection(order, item.source, f"duplicate key {e.key} (already used by "
+                                                               f"{seen[e.key]})"))
+                continue
+            seen[e.key] = item.source
+            entries.append(e)
+    return entries, rejected
+
+
+def _rejection(order: int, path: str, reason: str) -> dict:
+    return {"order": order, "path": path, "reason": reason}
+
+
+# ---- the worker side: one shard per task -------------------------------------------------------------
+
+_report = None  # set in each worker: sends (clips, seconds) to the progress bar
+
+
+def write_shard(plan: ShardPlan, directory: Path, opts: Options) -> dict:
+    """Worker: write one shard and its record; returns the record. Never raises for a bad input."""
+    rejected, seconds, keys = [], 0.0, []
+    with TarShard(directory / plan.name) as tar:
+        for e in plan.entries:
+            result = encode_entry(e, opts)
+            if isinstance(result, str):
+                rejected.append(_rejection(e.order, e.item.source, result))
+                _report(1, 0.0)
+                continue
+            audio, meta, secs = result
+            tar.add(e.key, [(opts.codec, audio), ("json", meta)])
+            seconds += secs
+            keys.append(e.key)
+            _report(1, secs)
+        if keys:
+            tar.close()
+            shard = ShardInfo(plan.name, len(keys), round(seconds, 6), tar.sha256, keys[0], keys[-1]).__dict__
+        else:
+            tar.abort()
+            shard = None
+    if shard is None:
+        (directory / plan.name).unlink(missing_ok=True)
+    record = {"name": plan.name, "fingerprint": plan.fingerprint, "shard": shard,
+              "size": tar.size if shard else 0, "rejected": rejected}
+    atomic_write_text(directory / RECORDS_DIR / f"{plan.name}.json", json.dumps(record))
+    return record
+
+
+def encode_entry(e: Entry, opts: Options) -> tuple[bytes, bytes, float] | str:
+    """One sample -> (audio bytes, JSON bytes, seconds), or a short rejection reason."""
+    try:
+        x, sr = load_frames(e.item.path, e.start, e.stop) if e.is_segment else load_file(e.item.path)
+        y = resample(x, sr, opts.sample_rate)
+        if y.size == 0:
+            return "zero-length after resampling"
+        seconds = y.size / opts.sample_rate
+        meta = {"id": e.key, "duration": seconds, "label": e.item.label, "source": e.item.source,
+                "orig_sample_rate": sr}
+        if e.is_segment:
+            meta["offset"] = e.start / sr
+        return encode_audio(y, opts.sample_rate, opts.codec), json.dumps(meta, sort_keys=True).encode(), seconds
+    except AudioDecodeError as err:
+        return err.reason
+    except Exception as err:  # noqa: BLE001 - anything unexpected is still just one rejected file
+        return f"error: {type(err).__name__}: {str(err)[:120]}"
+
+
+def _load_record(directory: Path, plan: ShardPlan) -> dict | None:
+    """The record of a shard written earlier from exactly this plan, if its tar is still intact."""
+    try:
+        record = json.loads((directory / RECORDS_DIR / f"{plan.name}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("fingerprint") != plan.fingerprint:
+        return None
+    if record["shard"] is not None:
+        tar = directory / plan.name
+        if not tar.is_file() or tar.stat().st_size != record["size"]:
+            return None
+    return record
+
+
+def _remove_stale(directory: Path, shards: set[str], planned: set[str]) -> None:
+    """Shards and records of an earlier, different build of this split (e.g. more shards then)."""
+    for p in directory.glob(SHARD_GLOB):
+        if p.name not in shards:
+            p.unlink()
+    for p in (directory / RECORDS_DIR).glob("audio-*.json"):
+        if p.name.removesuffix(".json") not in planned:
+            p.unlink()
+
+
+def _write_rejected(path: Path, rejected: list[dict], split: str) -> None:
+    if rejected:
+        atomic_write_text(path, "".join(json.dumps({"path": r["path"], "reason": r["reason"], "split": split}) + "\n"
+                                        for r in rejected))
+    else:
+        path.unlink(missing_ok=True)
+
+
+class _exclusive:
+    """Hold an exclusive lock on a split dir, so two builds never write the same shards."""
+
+    def __init__(self, lock: Path, directory: Path) -> None:
+        self.lock, self.directory = lock, directory
+
+    def __enter__(self):
+        self.fd = os.open(self.lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise SourceError(f"{self.directory}: another `unfused-shards build` is writing this split; "
+                              "wait for it to finish (or stop it) and run the command again") from None
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+
+# ---- processes and progress -----------------------------------------------------------------------
+
+def _init_worker(queue) -> None:
+    global _report
+    _report = lambda clips, seconds: queue.put((clips, seconds))  # noqa: E731
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGKILL when the build process dies, so a killed build leaves no orphan still
+    writing a shard that the next run would write too."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+class _Workers:
+    """A process pool (or, with one worker, this process) whose workers report progress on a queue."""
+
+    def __init__(self, n: int) -> None:
+        self.n = max(1, n)
+        self.queue = SimpleQueue()  # put() writes at once: progress is in the pipe before the result
+        self._pool = None
+
+    def __enter__(self) -> _Workers:
+        if self.n > 1:
+            self._pool = Pool(self.n, initializer=_init_worker, initargs=(self.queue,))
+        else:
+            global _report
+            _report = lambda clips, seconds: self.queue.put((clips, seconds))  # noqa: E731
+        return self
+
+    def imap(self, fn, items, chunksize: int = 1):
+        return self._pool.imap(fn, items, chunksize=chunksize) if self._pool else map(fn, items)
+
+    def imap_unordered(self, fn, items):
+        return self._pool.imap_unordered(fn, items) if self._pool else map(fn, items)
+
+    def __exit__(self, *exc) -> None:
+        if self._pool:
+            self._pool.terminate()
+            self._pool.join()
+        self.queue.close()
+
+
+class _Progress:
+    """A bar of clips written, with audio-hours and audio-hours/s, fed from the workers' queue."""
+
+    def __init__(self, split: str, total: int, queue, enabled: bool) -> None:
+        self.queue, self.rejected, self.hours = queue, 0, 0.0
+        self.bar = tqdm(total=total, desc=f"build {split}", unit="clip", file=sys.stderr, disable=not enabled,
+                        dynamic_ncols=True)
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+
+    def __enter__(self) -> _Progress:
+        self.start = time.monotonic()
+        self._thread.start()
+        return self
+
+    def _drain(self) -> None:
+        while (msg := self.queue.get()) is not None:
+            clips, seconds = msg
+            self.hours += seconds / 3600
+            self.bar.update(clips)
+            rate = self.hours / max(time.monotonic() - self.start, 1e-6)
+            self.bar.set_postfix_str(f"{self.hours:.3f} h audio, {rate:.3f} h/s, {self.rejected} rejected",
+                                     refresh=False)
+
+    def __exit__(self, *exc) -> None:
+        self.queue.put(None)  # after every worker message: imap_unordered has returned all results
+        self._thread.join()
+        self.bar.close()

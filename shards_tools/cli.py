@@ -2,7 +2,8 @@
 
 Exit codes:
   build   0 all inputs built; 3 built, but some inputs were rejected (see OUT/<split>/rejected.jsonl);
-          2 the source itself is unusable (missing, no path column, ...)
+          2 the source itself is unusable (missing, no path column, ...) or another build holds OUT;
+          130 interrupted: the same command again writes only the shards still missing
   verify  0 every split matches its manifest; 1 a mismatch (one line per bad split, naming the shard);
           2 no dataset found
   stats   0; 2 no dataset found or an unreadable shard
@@ -17,7 +18,7 @@ import shlex
 import sys
 
 from shards_tools.sources import SourceError
-from unfused_dist.audio.io import TARGET_SR
+from unfused_dist.audio.io import CODECS, TARGET_SR
 from unfused_dist.data.manifest import ManifestError
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
@@ -34,8 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("out", help="output folder; one sub-folder per split")
     b.add_argument("--workers", type=int, default=None, help="decode processes (default: all CPUs)")
     b.add_argument("--shard-samples", type=int, default=1000, help="samples per shard (default 1000)")
-    b.add_argument("--shard-mb", type=float, default=None, help="also start a new shard before this size (MB)")
+    b.add_argument("--shard-mb", type=float, default=None,
+                   help="also start a new shard before this size (MB), estimated from the files' durations")
     b.add_argument("--sample-rate", type=int, default=TARGET_SR, help=f"output rate (default {TARGET_SR})")
+    b.add_argument("--codec", choices=sorted(CODECS), default="flac",
+                   help="shard audio codec: flac (default, ~half the bytes) or wav (16-bit PCM, cheapest decode)")
+    b.add_argument("--segment-seconds", type=float, default=None,
+                   help="cut longer recordings into segments of this length (the tail joins the last segment "
+                        "when under half a segment)")
     b.add_argument("--labels-from-dirs", action="store_true", help="folder source: label = parent folder name")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -60,11 +67,15 @@ def _parser() -> argparse.ArgumentParser:
 def _build(args: argparse.Namespace, argv: list[str]) -> int:
     from shards_tools.build import build
 
-    if args.shard_samples < 1 or (args.shard_mb is not None and args.shard_mb <= 0):
-        print("unfused-shards build: --shard-samples and --shard-mb must be positive", file=sys.stderr)
+    positive = {"--shard-samples": args.shard_samples, "--shard-mb": args.shard_mb, "--workers": args.workers,
+                "--segment-seconds": args.segment_seconds, "--sample-rate": args.sample_rate}
+    bad = [flag for flag, v in positive.items() if v is not None and v <= 0]
+    if bad:
+        print(f"unfused-shards build: {bad[0]} must be positive", file=sys.stderr)
         return EXIT_USAGE
     summaries = build(args.src, args.out, workers=args.workers, shard_samples=args.shard_samples,
-                      shard_mb=args.shard_mb, sample_rate=args.sample_rate,
+                      shard_mb=args.shard_mb, segment_seconds=args.segment_seconds, sample_rate=args.sample_rate,
+                      codec=args.codec,
                       labels_from_dirs=args.labels_from_dirs, command=shlex.join(["unfused-shards", *argv]),
                       progress=not args.quiet)
     for s in summaries:
@@ -134,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unfused-shards {args.cmd}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"unfused-shards {args.cmd}: interrupted", file=sys.stderr)
+        again = "; run the same command again to finish (finished shards are kept)" if args.cmd == "build" else ""
+        print(f"unfused-shards {args.cmd}: interrupted{again}", file=sys.stderr)
         return 130
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from shards_tools.build import REJECTED_NAME
+from shards_tools.build import RECORDS_DIR, REJECTED_NAME
 from shards_tools.verify import SplitReport, VerifyError, iter_samples
 from unfused_dist.data.manifest import (
     MANIFEST_NAME,
@@ -107,7 +107,7 @@ def _keys(part: InputSplit) -> list[str]:
     keys = []
     for path in part.manifest.shard_paths(part.directory):
         try:
-            keys.extend(key for key, _ in iter_samples(path))
+            keys.extend(key for key, _ in iter_samples(path, (part.manifest.codec, "json")))
         except VerifyError as e:
             raise MergeError(f"{part.origin}: {e}") from None
     return keys
@@ -184,3 +184,4 @@ def _remove_stale(directory: Path) -> None:
     (directory / REJECTED_NAME).unlink(missing_ok=True)  # it listed the old build's rejects
     for p in list(directory.glob(SHARD_GLOB)) + list(directory.glob(".audio-*.tar.tmp")):
         p.unlink()
+    shutil.rmtree(directory / RECORDS_DIR, ignore_errors=True)  # a build's records describe other shards

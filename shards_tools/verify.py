@@ -1,7 +1,8 @@
 """Re-read a built dataset and check it against its manifest: members, key pairing, audio, counts, sha256.
 
-Shard contents are only ever parsed as FLAC or JSON; any other member (.pyd, .pickle, ...) is an error,
-reported before anything else so a tampered shard names the offending member.
+Shard contents are only ever parsed as the manifest's codec (FLAC or WAV) or JSON; any other member
+(.pyd, .pickle, ...) is an error, reported before anything else so a tampered shard names the offending
+member. Label shards (SPLIT/labels/<run>/) are checked for the same keys in the same order.
 """
 
 from __future__ import annotations
@@ -9,14 +10,17 @@ from __future__ import annotations
 import json
 import tarfile
 from collections.abc import Iterator
+from itertools import zip_longest
 from dataclasses import dataclass
 from pathlib import Path
 
 from unfused_dist.audio.io import AudioDecodeError, decode_audio
+from unfused_dist.data.loader import label_shard_name
 from unfused_dist.data.manifest import (SHARD_GLOB, DatasetManifest, ManifestError, ShardInfo,
                                         find_split_dirs, sha256_file)
 
-ALLOWED_EXTENSIONS = ("flac", "json")
+# the first bytes of each codec's stream: a WAV inside a .flac member would otherwise decode fine
+MAGIC = {"flac": b"fLaC", "wav": b"RIFF"}
 _SECONDS_TOL = 1e-3
 
 
@@ -37,9 +41,9 @@ class SplitReport:
                 f"{self.shards} shards ({self.directory})")
 
 
-def iter_samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {ext: payload}) per sample, strictly: regular members named <key>.flac/.json only,
-    each key's members consecutive (as WebDataset groups them) and complete."""
+def iter_samples(shard: Path, extensions: tuple[str, ...] = ("flac", "json")) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: payload}) per sample, strictly: regular members named <key>.<ext> for the given
+    extensions only, each key's members consecutive (as WebDataset groups them) and complete."""
     name = shard.name
     try:
         with tarfile.open(shard, mode="r:") as tar:
@@ -48,24 +52,26 @@ def iter_samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                 if not member.isfile():
                     raise VerifyError(f"{name}: member {member.name!r} is not a regular file; rebuild the split")
                 k, dot, ext = member.name.partition(".")
-                if not dot or "/" in member.name or ext not in ALLOWED_EXTENSIONS:
-                    raise VerifyError(f"{name}: foreign member {member.name!r} (only <key>.flac and <key>.json "
-                                      f"are allowed; nothing is unpickled) - rebuild the split")
+                if not dot or "/" in member.name or ext not in extensions:
+                    allowed = " and ".join(f"<key>.{e}" for e in extensions)
+                    raise VerifyError(f"{name}: foreign member {member.name!r} (only {allowed} are allowed; "
+                                      "nothing is unpickled) - rebuild the split")
                 if k != key:
                     if key is not None:
-                        yield _complete(name, key, group)
+                        yield _complete(name, key, group, extensions)
                     key, group = k, {}
                 if ext in group:
                     raise VerifyError(f"{name}: duplicate member {member.name!r}; rebuild the split")
                 group[ext] = tar.extractfile(member).read()
             if key is not None:
-                yield _complete(name, key, group)
+                yield _complete(name, key, group, extensions)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise VerifyError(f"{name}: unreadable tar ({e}); the file is truncated or corrupt - rebuild the split")
 
 
-def _complete(shard_name: str, key: str, group: dict[str, bytes]) -> tuple[str, dict[str, bytes]]:
-    missing = [e for e in ALLOWED_EXTENSIONS if e not in group]
+def _complete(shard_name: str, key: str, group: dict[str, bytes],
+              extensions: tuple[str, ...]) -> tuple[str, dict[str, bytes]]:
+    missing = [e for e in extensions if e not in group]
     if missing:
         raise VerifyError(f"{shard_name}: key {key!r} has no .{missing[0]} member (or its members are not "
                           f"consecutive); rebuild the split")
@@ -88,19 +94,20 @@ def _check_shard(directory: Path, info: ShardInfo, manifest: DatasetManifest, se
     if not path.is_file():
         raise VerifyError(f"{info.name}: listed in the manifest but missing from {directory}; rebuild the split")
     count, seconds, first, last = 0, 0.0, None, None
-    for key, group in iter_samples(path):
+    codec = manifest.codec
+    for key, group in iter_samples(path, (codec, "json")):
         if key in seen:
             raise VerifyError(f"{info.name}: key {key!r} appears twice in the split")
         seen.add(key)
         meta = parse_meta(info.name, key, group["json"])
         try:
-            if not group["flac"].startswith(b"fLaC"):  # the FLAC stream marker; a WAV here would decode fine
-                raise AudioDecodeError("not a FLAC stream")
-            x, sr = decode_audio(group["flac"])
+            if not group[codec].startswith(MAGIC.get(codec, b"?")):
+                raise AudioDecodeError(f"not a {codec.upper()} stream")
+            x, sr = decode_audio(group[codec])
         except AudioDecodeError as e:
-            raise VerifyError(f"{info.name}: {key}.flac: {e.reason}") from None
+            raise VerifyError(f"{info.name}: {key}.{codec}: {e.reason}") from None
         if sr != manifest.sample_rate or x.shape[0] != 1:
-            raise VerifyError(f"{info.name}: {key}.flac is {sr} Hz x {x.shape[0]} channels, "
+            raise VerifyError(f"{info.name}: {key}.{codec} is {sr} Hz x {x.shape[0]} channels, "
                               f"manifest says {manifest.sample_rate} Hz mono")
         dur = x.shape[1] / sr
         if abs(float(meta.get("duration", -1)) - dur) > _SECONDS_TOL:
@@ -139,7 +146,23 @@ def verify_split(directory: str | Path) -> SplitReport:
     if len(seen) != manifest.num_samples:
         raise VerifyError(f"{directory / 'manifest.json'}: num_samples {manifest.num_samples} but the shards "
                           f"hold {len(seen)}")
+    for labels in sorted(p for p in (directory / "labels").glob("*") if p.is_dir()):
+        _check_labels(directory, labels, manifest)
     return SplitReport(manifest.split, directory, len(seen), seconds, len(listed))
+
+
+def _check_labels(directory: Path, labels: Path, manifest: DatasetManifest) -> None:
+    """Every audio shard has a label shard with the same keys in the same order, each with an int class."""
+    for info in manifest.shards:
+        label_shard = labels / label_shard_name(info.name)
+        if not label_shard.is_file():
+            raise VerifyError(f"{label_shard}: missing label shard for {info.name}; re-run the pseudolabel stage")
+        audio_keys = (k for k, _ in iter_samples(directory / info.name, (manifest.codec, "json")))
+        for i, ((key, group), audio_key) in enumerate(zip_longest(iter_samples(label_shard, ("cls", "json")),
+                                                                  audio_keys, fillvalue=(None, None))):
+            if key != audio_key or not group["cls"].strip().isdigit():
+                raise VerifyError(f"{label_shard}: position {i} has key {key!r} (cls {group and group.get('cls')!r}) "
+                                  f"where {info.name} has {audio_key!r}; re-run the pseudolabel stage")
 
 
 def verify(path: str | Path) -> tuple[list[SplitReport], list[str]]:

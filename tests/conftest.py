@@ -66,3 +66,38 @@ def append_member():
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     return append
+
+
+@pytest.fixture
+def corrupt_audio():
+    """Replace the audio member of the i-th sample of a shard with a FLAC header and garbage; returns its key."""
+    import io
+    import tarfile
+
+    def corrupt(tar_path, index: int) -> str:
+        with tarfile.open(tar_path) as t:
+            members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+        audio = [i for i, (name, _) in enumerate(members) if name.endswith((".flac", ".wav"))][index]
+        members[audio] = (members[audio][0], b"fLaC" + b"\x00" * 64)
+        with tarfile.open(tar_path, "w") as t:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+        return members[audio][0].split(".")[0]
+    return corrupt
+
+
+def build_noise_dataset(root, n: int, shard_samples: int):
+    """n short noise clips (keys c000, c001, ...) built into root/shards/train; returns the split dir."""
+    import numpy as np
+    import soundfile as sf
+
+    from shards_tools.build import build
+
+    (root / "raw").mkdir(parents=True)
+    for i in range(n):
+        sf.write(root / "raw" / f"c{i:03d}.wav", np.random.default_rng(i).uniform(-.3, .3, 1600).astype("float32"),
+                 16000)
+    build(root / "raw", root / "shards", workers=1, shard_samples=shard_samples, progress=False)
+    return root / "shards" / "train"

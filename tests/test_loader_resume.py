@@ -1,18 +1,28 @@
 """Exact resume of the training stream: keys and crops after a resume are those of an uninterrupted run,
 the samples skipped are never decoded, and every rank and worker yields the same number of batches."""
+import logging
+
 import numpy as np
 import pytest
+from conftest import build_noise_dataset
 
 from unfused_dist.data.loader import LoaderStateError, ShardSource, ShardStream, make_loader
+from unfused_dist.data.shards import ShardError
 
 
 def _key_and_draw(sample, rng):
     return sample.key, int(rng.integers(1 << 30))  # the draw stands for the random crop
 
 
-def _stream(split, rank=0, world=1, workers=2, batch_size=1, transform=_key_and_draw):
+def _key_and_audio_draw(sample, rng):
+    sample.audio(16000)  # decode, so a corrupt member shows
+    return _key_and_draw(sample, rng)
+
+
+def _stream(split, rank=0, world=1, workers=2, batch_size=1, transform=_key_and_audio_draw, shuffle_buffer=4,
+            **kw):
     return ShardStream(ShardSource(split), transform, seed=7, shuffle=True, rank=rank, world=world,
-                       workers=workers, batch_size=batch_size, shuffle_buffer=4)
+                       workers=workers, batch_size=batch_size, shuffle_buffer=shuffle_buffer, **kw)
 
 
 def _epoch(stream, epoch, start=0):
@@ -62,6 +72,71 @@ def test_a_changed_layout_is_refused(tone_dataset):
     np.testing.assert_equal(_stream(split).state_dict(), state)
 
 
-def test_too_few_shards_for_ranks_and_workers_is_a_clear_error(tone_dataset):
-    with pytest.raises(LoaderStateError, match="cannot give each of 16 ranks x 2 workers a full batch of 1"):
-        _stream(tone_dataset / "train", world=16).batches_per_epoch()
+def _keys_per_rank(split, world, epoch=0, **kw):
+    return [[k for b in _epoch(_stream(split, rank=r, world=world, **kw), epoch) for k, _ in b] for r in range(world)]
+
+
+@pytest.mark.parametrize("n", [40, 43])
+def test_two_ranks_by_two_workers_deliver_each_sample_once_per_epoch(tmp_path, n):
+    """40 clips in 8 shards of 5, batch 5: every clip exactly once. 43 clips (a last shard of 3): the same
+    40 steps' worth, no clip twice, and the 3 left over differ from epoch to epoch."""
+    split = build_noise_dataset(tmp_path, n, shard_samples=5)
+    everything = {f"c{i:03d}" for i in range(n)}
+    left_out = []
+    for epoch in range(3):
+        per_rank = _keys_per_rank(split, world=2, epoch=epoch, batch_size=5)
+        assert len(per_rank[0]) == len(per_rank[1]) == 20
+        assert not set(per_rank[0]) & set(per_rank[1])
+        delivered = per_rank[0] + per_rank[1]
+        assert len(set(delivered)) == len(delivered) == 40 and set(delivered) <= everything
+        left_out.append(everything - set(delivered))
+    if n == 43:
+        assert len({frozenset(s) for s in left_out}) > 1
+
+
+def test_too_few_shards_is_an_error_unless_resampled(tone_dataset):
+    split = tone_dataset / "train"  # 12 clips in 4 shards; 3 ranks x 2 workers
+    with pytest.raises(LoaderStateError, match="4 shards for 3 ranks x 2 workers.*data.resampled=true"):
+        _stream(split, world=3).batches_per_epoch()
+    per_rank = _keys_per_rank(split, world=3, resampled=True)
+    assert [len(keys) for keys in per_rank] == [_stream(split, world=3, resampled=True).batches_per_epoch()] * 3 == [4] * 3
+    assert per_rank == _keys_per_rank(split, world=3, resampled=True)  # seeded
+    full = _epoch(_stream(split, world=3, resampled=True), 0)
+    assert full[:1] + _epoch(_stream(split, world=3, resampled=True), 0, start=1) == full
+
+
+def test_a_bad_sample_is_skipped_logged_and_replaced_so_batches_stay_equal(tmp_path, corrupt_audio, caplog):
+    split = build_noise_dataset(tmp_path, 40, shard_samples=5)
+    shard = split / "audio-000003.tar"
+    clean = _keys_per_rank(split, world=2, batch_size=5, workers=0)
+    bad = corrupt_audio(shard, 2)
+    with caplog.at_level(logging.WARNING, logger="unfused_dist.data.loader"):
+        per_rank = _keys_per_rank(split, world=2, batch_size=5, workers=0)
+    assert [len(k) for k in per_rank] == [20, 20]
+    delivered = per_rank[0] + per_rank[1]
+    assert bad in clean[0] + clean[1] and bad not in delivered
+    assert len(set(delivered)) == 39  # the bad clip's place went to a good one from the same worker
+    assert f"{shard}: sample '{bad}' cannot be decoded" in caplog.text and "1 this epoch" in caplog.text
+    assert [len(k) for k in _keys_per_rank(split, world=2, batch_size=5, workers=2)] == [20, 20]
+
+    with pytest.raises(ShardError, match=rf"{shard}: sample '{bad}' cannot be decoded"):
+        _keys_per_rank(split, world=2, batch_size=5, bad_samples="fail")
+
+
+@pytest.mark.parametrize("stop", [0, 1, 2, 3, 7])
+def test_resume_around_a_bad_sample_is_exact(tmp_path, corrupt_audio, stop):
+    split = build_noise_dataset(tmp_path, 24, shard_samples=3)
+    for shard, i in [("audio-000001.tar", 1), ("audio-000004.tar", 2), ("audio-000007.tar", 2)]:
+        corrupt_audio(split / shard, i)
+    full = _epoch(_stream(split, batch_size=2, shuffle_buffer=1), 0)
+    assert len(full) == 12
+    assert full[:stop] + _epoch(_stream(split, batch_size=2, shuffle_buffer=1), 0, start=stop) == full
+
+
+def test_bad_samples_at_the_end_of_a_range_take_its_first_good_sample(tmp_path, corrupt_audio):
+    split = build_noise_dataset(tmp_path, 6, shard_samples=3)
+    corrupt_audio(split / "audio-000000.tar", 0)
+    corrupt_audio(split / "audio-000001.tar", 2)  # the last of the epoch: nothing after it
+    stream = ShardStream(ShardSource(split), _key_and_audio_draw, seed=7, shuffle=False, workers=0, batch_size=2)
+    keys = [k for b in make_loader(stream) for k in b[0]]
+    assert keys == ["c001", "c001", "c002", "c003", "c004", "c001"]

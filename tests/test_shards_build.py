@@ -156,10 +156,10 @@ def test_verify_good_truncated_and_foreign_member(corpus: Path, tmp_path: Path, 
     assert errors == [] and [r.split for r in reports] == ["test", "train", "val"]
     assert sum(r.clips for r in reports) == len(GOOD)
 
-    shard = out / "train/audio-000001.tar"
+    shard = out / "train" / DatasetManifest.load(out / "train").shards[1].name
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    with pytest.raises(VerifyError, match="audio-000001.tar"):
+    with pytest.raises(VerifyError, match=shard.name):
         verify_split(out / "train")
     shard.write_bytes(data)
     verify_split(out / "train")
@@ -199,14 +199,16 @@ def test_lape_csv_forms(tmp_path: Path) -> None:
     assert DatasetManifest.load(tmp_path / "o2/train").labels == ["no", "yes"]
 
 
-def test_shard_mb_limit(tmp_path: Path) -> None:
+def test_shard_mb_target_is_planned_from_durations(tmp_path: Path) -> None:
+    """--shard-mb plans shards before encoding, from header durations: 1 s of 16 kHz FLAC is estimated at
+    ~21 KB, so a 0.045 MB target holds two 1 s clips, and a 4 s clip gets a shard of its own."""
     src = tmp_path / "raw"
-    for i in range(6):
-        _write(src / f"n{i}.wav", np.random.default_rng(i).uniform(-0.5, 0.5, 16000).astype(np.float32), 16000)
-    build(src, tmp_path / "out", workers=1, shard_mb=0.07, progress=False)  # ~30 KB of FLAC per clip
+    for i, sec in enumerate([1, 1, 1, 1, 4, 1]):
+        noise = np.random.default_rng(i).uniform(-0.5, 0.5, 16000 * sec).astype(np.float32)
+        _write(src / f"n{i}.wav", noise, 16000)
+    build(src, tmp_path / "out", workers=1, shard_mb=0.045, progress=False)
     m = DatasetManifest.load(tmp_path / "out/train")
-    assert len(m.shards) >= 3 and m.num_samples == 6
-    assert all((tmp_path / "out/train" / s.name).stat().st_size <= 70_000 + 20_480 for s in m.shards)
+    assert [s.num_samples for s in m.shards] == [2, 2, 1, 1] and m.num_samples == 6
 
 
 def test_make_key() -> None:

@@ -33,8 +33,6 @@ def test_assign_shards_covers_every_shard_once_per_epoch():
         plan = assign_shards(11, seed=5, epoch=epoch, world=2, lanes=2, shuffle=True)
         flat = [s for rank in plan for w in rank for s in w]
         assert sorted(flat) == list(range(11))
-        equal = assign_shards(11, seed=5, epoch=epoch, world=2, lanes=2, shuffle=True, equal=True)
-        assert {len(w) for rank in equal for w in rank} == {2}  # 8 of 11 shards, 2 per lane
     assert assign_shards(11, 5, 0, 2, 2, True) != assign_shards(11, 5, 1, 2, 2, True)
 
 
@@ -72,12 +70,19 @@ def test_label_shards_align_and_a_mismatch_names_both_shards(tone_dataset, tmp_p
     assert str(shard) in str(e.value) and str(split / first) in str(e.value)
 
 
-def test_a_pickle_member_is_refused_not_loaded(tone_dataset, append_member):
+@pytest.mark.parametrize("ext", ["pyd", "pickle"])
+def test_a_pickle_member_is_refused_not_loaded(tone_dataset, append_member, tmp_path, ext):
     split = tone_dataset / "train"
     shard = split / DatasetManifest.load(split).shards[0].name
-    append_member(shard, "evil.pyd", b"cos\nsystem\n(S'echo pwned'\ntR.")
-    with pytest.raises(ShardError, match=r"member 'evil.pyd' is not audio/json/text/int"):
+    marker = tmp_path / "pwned"
+    payload = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()  # unpickling this would run `touch`
+    append_member(shard, f"evil.{ext}", payload)
+    with pytest.raises(ShardError, match=rf"{shard}: member 'evil.{ext}' is not audio/json/text/int"):
         list(iter_shard(shard))
+    stream = ShardStream(ShardSource(split), lambda s, rng: s.key, seed=0, shuffle=False, workers=0)
+    with pytest.raises(ShardError, match=rf"member 'evil.{ext}'"):
+        list(stream)
+    assert not marker.exists()
 
 
 def test_truncated_shard_is_a_clear_error(tone_dataset):
@@ -99,3 +104,26 @@ def test_corrupt_audio_member_names_shard_and_key(tone_dataset, tmp_path):
     sample = next(iter_shard(shard))
     with pytest.raises(ShardError, match=rf"{shard}: sample '{bad_key}' cannot be decoded"):
         sample.audio(16000)
+
+
+def test_verify_checks_label_shards_and_stats_reports_durations_and_rates(tone_dataset):
+    from shards_tools.stats import split_stats
+    from shards_tools.verify import VerifyError, verify_split
+
+    split = tone_dataset / "train"
+    keys = _keys(split)
+    labels = split / "labels" / "run1"  # where the pseudolabel stage puts them
+    write_label_shards(split, labels, keys, np.arange(len(keys)) % 3, np.zeros(len(keys)))
+    verify_split(split)
+    shard = labels / label_shard_name(DatasetManifest.load(split).shards[1].name)
+    members = _read_tar(shard)
+    _write_tar(shard, members[:-2])  # the last sample's label is gone
+    with pytest.raises(VerifyError, match=rf"{shard}: position 2 has key None"):
+        verify_split(split)
+    shard.unlink()
+    with pytest.raises(VerifyError, match="missing label shard"):
+        verify_split(split)
+
+    text = "\n".join(split_stats(split).lines())
+    assert "train: 12 clips" in text and "source sample rates: 8000 Hz 4, 16000 Hz 4, 22050 Hz 4" in text
+    assert "0.5-1    s" in text and "1-2    s" in text  # durations between 0.6 and 1.4 s

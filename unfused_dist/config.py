@@ -6,6 +6,7 @@ nearest valid one; a value of the wrong type is a one-line error naming the key 
 from __future__ import annotations
 
 import dataclasses
+import operator
 import difflib
 import hashlib
 import json
@@ -47,6 +48,12 @@ class DataConfig:
     task_seconds: float = 1.0
     num_workers: int = 1  # DataLoader workers per rank
     shuffle_buffer: int = 1000
+    # A sample that cannot be decoded: "skip" (logged by shard and key, replaced by the next good one so
+    # every rank still takes the same number of steps) or "fail" (stop the run, naming shard and key).
+    bad_samples: str = "skip"
+    # Workers draw shards with replacement instead of splitting them: allows fewer shards than
+    # ranks x workers, at the cost of samples repeating (and others missing) within an epoch.
+    resampled: bool = False
 
 
 @dataclass
@@ -141,6 +148,10 @@ class Config:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Keys that take one of a few words.
+CHOICES = {"data.bad_samples": ("skip", "fail")}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- `a.b=value` overrides (values parsed as YAML scalars/lists)."""
     raw: dict[str, Any] = {}
@@ -162,6 +173,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not sep or not key:
             raise ConfigError(f"override '{item}': expected key=value, e.g. run.dir=runs/x")
         _set_dotted(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "", where="command line")
+    for dotted, allowed in CHOICES.items():
+        value = operator.attrgetter(dotted)(cfg)
+        if value not in allowed:
+            raise ConfigError(f"{where}: '{dotted}' is {value!r}; use one of {', '.join(map(repr, allowed))}")
     return cfg
 
 

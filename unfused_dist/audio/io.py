@@ -24,6 +24,9 @@ TARGET_SR = 16000
 # telephone prompts) go through the sox binary.
 _NATIVE_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif")
 AUDIO_EXTENSIONS = _NATIVE_EXTENSIONS + (".gsm",)
+# Formats whose header states the exact length, so a shorter read means a truncated file (mp3/ogg
+# headers only estimate it).
+_EXACT_LENGTH_FORMATS = {"WAV", "WAVEX", "RF64", "W64", "FLAC", "AIFF"}
 
 
 class AudioDecodeError(Exception):
@@ -49,11 +52,34 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     if not data:
         raise AudioDecodeError("empty file")
     try:
-        x, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        f = sf.SoundFile(io.BytesIO(data))
     except Exception as e:  # libsndfile raises several types; all mean "not audio we can read"
         # error_string is libsndfile's own text, without the BytesIO repr (and its address) of str(e)
         raise AudioDecodeError(f"undecodable: {getattr(e, 'error_string', None) or _short(e)}") from None
+    with f:
+        expected, exact, sr = f.frames, f.format in _EXACT_LENGTH_FORMATS, f.samplerate
+        try:
+            x = f.read(dtype="float32", always_2d=True)
+        except Exception as e:  # noqa: BLE001 - a readable header, then a broken stream
+            raise AudioDecodeError(f"corrupt: {getattr(e, 'error_string', None) or _short(e)}") from None
+    # libsndfile returns what it could read without an error, and sizes a WAV by the file's length
+    if (exact and 0 < x.shape[0] < expected) or _wav_truncated(data):
+        raise AudioDecodeError(f"truncated: {x.shape[0]} frames read, the header promises more")
     return _checked(np.ascontiguousarray(x.T), sr)
+
+
+def _wav_truncated(data: bytes) -> bool:
+    """A RIFF/WAVE whose data chunk claims more bytes than the file has (0 and 0xFFFFFFFF are the sizes
+    streaming writers leave, not a truncation)."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return False
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if chunk == b"data":
+            return size not in (0, 0xFFFFFFFF) and pos + 8 + size > len(data)
+        pos += 8 + size + (size & 1)
+    return False
 
 
 def decode_mono(data: bytes) -> tuple[np.ndarray, int]:
@@ -84,13 +110,47 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     return np.ascontiguousarray(y.T, dtype=np.float32)
 
 
-def encode_flac(x: np.ndarray, sr: int) -> bytes:
-    """Mono float audio -> FLAC bytes (PCM_16). Clips to [-1, 1] first: resampling can overshoot
+# Shard codecs: FLAC (about half the bytes) or WAV PCM (no decode cost beyond a copy); both 16-bit.
+CODECS = {"flac": "FLAC", "wav": "WAV"}
+
+
+def encode_audio(x: np.ndarray, sr: int, codec: str = "flac") -> bytes:
+    """Mono float audio -> FLAC or WAV bytes (PCM_16). Clips to [-1, 1] first: resampling can overshoot
     slightly and libsndfile would otherwise wrap out-of-range samples instead of clipping them."""
-    x = to_mono(x)
+    if codec not in CODECS:
+        raise ValueError(f"codec {codec!r} is not one of {', '.join(CODECS)}")
     buf = io.BytesIO()
-    sf.write(buf, np.clip(x, -1.0, 1.0), sr, format="FLAC", subtype="PCM_16")
+    sf.write(buf, np.clip(to_mono(x), -1.0, 1.0), sr, format=CODECS[codec], subtype="PCM_16")
     return buf.getvalue()
+
+
+def encode_flac(x: np.ndarray, sr: int) -> bytes:
+    return encode_audio(x, sr, "flac")
+
+
+def probe(path: str | Path) -> tuple[int, int] | None:
+    """(frames, sample rate) from the file's header only, or None when libsndfile cannot tell (other
+    formats, or a broken file: decoding it later gives the reason)."""
+    try:
+        info = sf.info(str(path))
+    except Exception:  # noqa: BLE001 - any failure just means "unknown"
+        return None
+    return (int(info.frames), int(info.samplerate)) if info.frames > 0 and info.samplerate > 0 else None
+
+
+def load_frames(path: str | Path, start: int, stop: int) -> tuple[np.ndarray, int]:
+    """Frames [start, stop) of a file libsndfile reads -> (mono float32, native rate), reading only that
+    part: a segment of a ten-hour recording costs a segment's memory."""
+    try:
+        x, sr = sf.read(str(path), start=start, stop=stop, dtype="float32", always_2d=True)
+    except FileNotFoundError:
+        raise AudioDecodeError("missing file") from None
+    except Exception as e:  # noqa: BLE001 - libsndfile raises several types
+        raise AudioDecodeError(f"undecodable: {getattr(e, 'error_string', None) or _short(e)}") from None
+    if x.shape[0] < stop - start:
+        raise AudioDecodeError(f"truncated: frames {start}-{stop} requested, {x.shape[0]} read")
+    x, sr = _checked(np.ascontiguousarray(x.T), sr)
+    return to_mono(x), sr
 
 
 def load_file(path: str | Path) -> tuple[np.ndarray, int]:

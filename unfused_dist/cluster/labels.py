@@ -1,22 +1,14 @@
 """Pseudo-label shards: one tar per audio shard, the same keys in the same order (<key>.cls + <key>.json)."""
 from __future__ import annotations
 
-import io
 import json
-import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
 
 from ..data.loader import label_shard_name
 from ..data.manifest import DatasetManifest
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
+from ..data.shardwriter import TarShard
 
 
 def write_label_shards(split_dir: Path, out_dir: Path, keys: list[str], labels: np.ndarray,
@@ -31,13 +23,10 @@ def write_label_shards(split_dir: Path, out_dir: Path, keys: list[str], labels: 
             raise ValueError(f"{split_dir / shard.name}: embedded keys do not match the manifest's first/last "
                              "key; re-run `unfused-shards verify` on the dataset")
         path = out_dir / label_shard_name(shard.name)
-        tmp = path.with_name(path.name + ".tmp")
-        with tarfile.open(tmp, "w") as tar:
-            for j in range(shard.num_samples):
-                key = keys[pos + j]
-                _add(tar, f"{key}.cls", str(int(labels[pos + j])).encode())
-                _add(tar, f"{key}.json", json.dumps({"distance": float(distances[pos + j])}).encode())
-        os.replace(tmp, path)
+        with TarShard(path) as tar:
+            for j in range(pos, end):
+                tar.add(keys[j], [("cls", str(int(labels[j])).encode()),
+                                  ("json", json.dumps({"distance": float(distances[j])}).encode())])
         pos = end
         written.append(path)
     if pos != len(keys):

@@ -2,7 +2,9 @@
 same number of batches on every rank (so collectives never hang on uneven shards)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -11,19 +13,18 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .manifest import DatasetManifest
-from .shards import RawSample, iter_shard, iter_shard_with_labels
+from .shards import RawSample, ShardError, iter_shard, iter_shard_with_labels
+
+log = logging.getLogger(__name__)
 
 
-def assign_shards(n_shards: int, seed: int, epoch: int, world: int, lanes: int, shuffle: bool,
-                  equal: bool = False) -> list[list[list[int]]]:
-    """plan[rank][lane] = shard indices (a lane is a DataLoader worker, or the main process). The order is
-    shuffled by (seed, epoch), then dealt round-robin; `equal` deals only whole rounds, so every lane gets
-    the same number of shards (the few left over rotate from epoch to epoch with the shuffle)."""
+def assign_shards(n_shards: int, seed: int, epoch: int, world: int, lanes: int,
+                  shuffle: bool) -> list[list[list[int]]]:
+    """Evaluation: plan[rank][lane] = shard indices (a lane is a DataLoader worker, or the main process).
+    The order is shuffled by (seed, epoch), then dealt round-robin."""
     order = np.arange(n_shards)
     if shuffle:
         order = np.random.default_rng([seed, epoch]).permutation(n_shards)
-    if equal:
-        order = order[: n_shards - n_shards % (world * lanes)]
     plan = [[[] for _ in range(lanes)] for _ in range(world)]
     for i, shard in enumerate(order):
         plan[i % world][(i // world) % lanes].append(int(shard))
@@ -67,23 +68,36 @@ def label_shard_name(audio_shard_name: str) -> str:
 
 
 class ShardStream(IterableDataset):
-    """Yields transform(sample, rng) for this rank's and this worker's shards of one epoch.
+    """Yields transform(sample, rng) for this rank's and this worker's part of one epoch.
 
-    Training mode (`batch_size` set): every lane (DataLoader worker) of every rank yields exactly
-    `batches_per_lane()` full batches, so all ranks step together and the DataLoader's in-order round robin
-    over lanes is exact. The position in an epoch is then one number, the batches consumed, and resuming
-    from it skips the samples already delivered without decoding them. Each sample's `rng` is seeded by
-    its place in the epoch, so crops after a resume equal those of an uninterrupted run.
+    Training mode (`batch_size` set): the shards, in an order shuffled by (seed, epoch), are read as one
+    sequence of samples and every lane (a DataLoader worker of a rank) takes its own contiguous range of
+    it, of exactly `batches_per_lane()` full batches; the remainder (under one batch per lane) waits for
+    another epoch's order. So every rank steps together, an epoch delivers each sample at most once, and
+    the DataLoader's in-order round robin over lanes is exact. The position in an epoch is one number,
+    the batches consumed; resuming from it skips the samples already delivered without decoding them.
+    Each sample's `rng` is seeded by its place in the epoch, so crops after a resume equal those of an
+    uninterrupted run. With `resampled`, lanes instead draw whole shards with replacement, seeded by
+    (seed, epoch, rank, lane): for datasets with fewer shards than ranks x workers.
+
+    A sample that fails to decode (ShardError) is logged by shard and key and, with bad_samples="skip",
+    replaced by the next good sample of the lane (so batch counts stay equal); "fail" re-raises it.
+
     Evaluation mode (`batch_size` None): every sample once, in shard order when `shuffle` is off."""
 
     def __init__(self, source: ShardSource, transform: Callable[[RawSample, np.random.Generator], object],
                  seed: int, shuffle: bool, rank: int = 0, world: int = 1, workers: int = 0,
-                 batch_size: int | None = None, shuffle_buffer: int = 1000):
+                 batch_size: int | None = None, shuffle_buffer: int = 1000, bad_samples: str = "skip",
+                 resampled: bool = False):
+        if bad_samples not in ("skip", "fail"):
+            raise ValueError(f"bad_samples must be 'skip' or 'fail', got {bad_samples!r}")
         self.source, self.transform = source, transform
         self.seed, self.shuffle, self.rank, self.world = seed, shuffle, rank, world
         self.workers, self.batch_size, self.shuffle_buffer = workers, batch_size, shuffle_buffer
+        self.bad_samples, self.resampled = bad_samples, resampled
         self.lanes = max(workers, 1)
         self.epoch = self.batches_done = 0
+        self.bad_count = 0  # bad samples met by this copy of the stream (each worker has its own)
 
     def set_position(self, epoch: int, batches_done: int = 0) -> None:
         self.epoch, self.batches_done = epoch, batches_done
@@ -91,7 +105,7 @@ class ShardStream(IterableDataset):
     def layout(self) -> dict:
         """What must not change for a resume to be exact."""
         return {"world": self.world, "workers": self.workers, "batch_size": self.batch_size, "seed": self.seed,
-                "shards": len(self.source.counts)}
+                "shards": len(self.source.counts), "resampled": self.resampled}
 
     def state_dict(self) -> dict:
         return {**self.layout(), "epoch": self.epoch, "batches_done": self.batches_done}
@@ -104,14 +118,19 @@ class ShardStream(IterableDataset):
         self.set_position(state["epoch"], state["batches_done"])
 
     def batches_per_lane(self) -> int:
-        """Full batches each lane yields in any epoch: the k smallest shards' samples, k shards per lane."""
-        k = len(self.source.counts) // (self.world * self.lanes)
-        q = sum(sorted(self.source.counts)[:k]) // self.batch_size if k else 0
+        """Full batches each lane yields in any epoch."""
+        lanes = self.world * self.lanes
+        if len(self.source.counts) < lanes and not self.resampled:
+            raise LoaderStateError(
+                f"{self.source.split_dir}: {len(self.source.counts)} shards for {self.world} ranks x {self.lanes} "
+                "workers; every worker needs a shard of its own: build more, smaller shards (unfused-shards build "
+                "--shard-samples), lower data.num_workers, or set data.resampled=true")
+        q = sum(self.source.counts) // (lanes * self.batch_size)
         if q == 0:
             raise LoaderStateError(
-                f"{self.source.split_dir}: {len(self.source.counts)} shards cannot give each of {self.world} "
-                f"ranks x {self.lanes} workers a full batch of {self.batch_size}; build more, smaller shards "
-                "(unfused-shards build --shard-samples), or lower the batch size or data.num_workers")
+                f"{self.source.split_dir}: {sum(self.source.counts)} samples cannot give each of {self.world} "
+                f"ranks x {self.lanes} workers a full batch of {self.batch_size}; lower the batch size or "
+                "data.num_workers")
         return q
 
     def batches_per_epoch(self) -> int:
@@ -122,24 +141,92 @@ class ShardStream(IterableDataset):
         # The DataLoader's round robin restarts at worker 0, but after n batches the next one is lane
         # n % lanes's: rotate the worker -> lane map so the interleaving continues where it stopped.
         lane = ((info.id if info else 0) + self.batches_done) % self.lanes
-        training = self.batch_size is not None
-        plan = assign_shards(len(self.source.counts), self.seed, self.epoch, self.world, self.lanes,
-                             self.shuffle, equal=training)
+        if self.batch_size is None:
+            yield from self._evaluation(lane)
+            return
+        quota = self.batches_per_lane() * self.batch_size
+        mine = self.batches_done // self.lanes + (lane < self.batches_done % self.lanes)
+
+        def samples() -> Iterator[RawSample]:
+            raw = self._resampled(lane) if self.resampled else self._range(lane, quota)
+            if self.shuffle:
+                raw = _buffer_shuffle(raw, self.shuffle_buffer,
+                                      np.random.default_rng([self.seed, self.epoch, self.rank, lane]))
+            return raw
+
+        yield from self._deliver(samples, quota, mine * self.batch_size, lane)
+
+    def _range(self, lane: int, quota: int) -> Iterator[RawSample]:
+        """This lane's contiguous range of the epoch's sample sequence (shards in shuffled order)."""
+        order = np.arange(len(self.source.counts))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
+        start = (self.rank * self.lanes + lane) * quota
+        stop, pos = start + quota, 0
+        for i in order:
+            n = self.source.counts[i]
+            if pos < stop and pos + n > start:
+                yield from islice(self.source.iter_shard(int(i)), max(0, start - pos), min(n, stop - pos))
+            pos += n
+
+    def _resampled(self, lane: int) -> Iterator[RawSample]:
+        """Whole shards drawn with replacement, for ever (the caller stops)."""
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, lane, 1])
+        while True:
+            yield from self.source.iter_shard(int(rng.integers(len(self.source.counts))))
+
+    def _deliver(self, samples: Callable[[], Iterator[RawSample]], quota: int, skip: int, lane: int):
+        """Positions skip..quota-1 of the lane's sequence, transformed. Position j gets the first sample
+        that decodes among j, j+1, ... (wrapping to the start): deterministic, so a resume that skips
+        to j yields what an uninterrupted run yields, and every lane yields exactly `quota - skip` items."""
+        def rng(j: int) -> np.random.Generator:
+            return np.random.default_rng([self.seed, self.epoch, self.rank, lane, j])
+
+        pending: list[int] = []  # positions whose own sample was bad, waiting for the next good one
+        for j, s in enumerate(samples()):
+            if j >= quota and not pending:
+                return
+            if j < skip:  # delivered before the resume point: never decoded
+                continue
+            positions = pending + [j] if j < quota else pending
+            try:
+                items = [self.transform(s, rng(p)) for p in positions]
+            except ShardError as e:
+                self._bad(s, e, lane)
+                if j < quota:
+                    pending.append(j)
+                continue
+            pending.clear()
+            yield from items
+        if pending:  # the lane's last samples were bad: wrap around to its first good one
+            for s in samples():
+                try:
+                    items = [self.transform(s, rng(p)) for p in pending]
+                except ShardError:
+                    continue
+                yield from items
+                return
+            raise ShardError(f"{self.source.split_dir}: rank {self.rank} worker {lane} found no sample it "
+                             "could decode in its shards; run `unfused-shards verify`")
+
+    def _bad(self, sample: RawSample, error: ShardError, lane: int) -> None:
+        if self.bad_samples == "fail":
+            raise error
+        self.bad_count += 1
+        log.warning("skipping a bad sample (%d this epoch in rank %d worker %d): %s; set data.bad_samples=fail "
+                    "to stop instead", self.bad_count, self.rank, lane, error)
+
+    def _evaluation(self, lane: int):
+        plan = assign_shards(len(self.source.counts), self.seed, self.epoch, self.world, self.lanes, self.shuffle)
         samples = (s for i in plan[self.rank][lane] for s in self.source.iter_shard(i))
         if self.shuffle:
             samples = _buffer_shuffle(samples, self.shuffle_buffer,
                                       np.random.default_rng([self.seed, self.epoch, self.rank, lane]))
-        quota = skip = None
-        if training:
-            quota = self.batches_per_lane() * self.batch_size
-            mine = self.batches_done // self.lanes + (lane < self.batches_done % self.lanes)
-            skip = mine * self.batch_size
         for j, s in enumerate(samples):
-            if quota is not None and j >= quota:
-                break
-            if skip and j < skip:  # delivered before the resume point: never decoded
-                continue
-            yield self.transform(s, np.random.default_rng([self.seed, self.epoch, self.rank, lane, j]))
+            try:
+                yield self.transform(s, np.random.default_rng([self.seed, self.epoch, self.rank, lane, j]))
+            except ShardError as e:
+                self._bad(s, e, lane)
 
 
 def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:

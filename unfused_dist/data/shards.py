@@ -37,7 +37,10 @@ class RawSample:
     label_id: int = -1  # filled by readers that map the JSON label to the manifest's vocabulary
 
     def meta(self) -> dict[str, Any]:
-        return json.loads(self.members["json"]) if "json" in self.members else {}
+        try:
+            return json.loads(self.members["json"]) if "json" in self.members else {}
+        except ValueError as e:
+            raise ShardError(f"{self.shard}: sample '{self.key}' has unreadable JSON ({e})") from None
 
     def audio(self, sample_rate: int) -> np.ndarray:
         ext = "flac" if "flac" in self.members else "wav"

@@ -121,14 +121,20 @@ def split_dir(cfg: Config, split: str) -> Path:
     return Path(cfg.data.target) / split
 
 
+def training_stream(cfg: Config, source: ShardSource, transform, batch_size: int) -> ShardStream:
+    """This rank's shuffled training stream, as the data config says."""
+    rank, world = init_distributed()
+    d = cfg.data
+    return ShardStream(source, transform, cfg.run.seed, shuffle=True, rank=rank, world=world,
+                       workers=d.num_workers, batch_size=batch_size, shuffle_buffer=d.shuffle_buffer,
+                       bad_samples=d.bad_samples, resampled=d.resampled)
+
+
 def train_encoder(cfg: Config, module: nn.Module, encoder: AudioNTT, source: ShardSource, transform, stage,
                   out: Path, norm: tuple[float, float]) -> None:
     """The shared body of the encoder-training stages (pretrain, distill): stream the source, train through
     the engine for `stage.epochs` (capped at `stage.max_steps`), export the encoder, mark the stage done."""
-    rank, world = init_distributed()
-    stream = ShardStream(source, transform, cfg.run.seed, shuffle=True, rank=rank, world=world,
-                         workers=cfg.data.num_workers, batch_size=stage.batch_size,
-                         shuffle_buffer=cfg.data.shuffle_buffer)
+    stream = training_stream(cfg, source, transform, stage.batch_size)
     steps = stream.batches_per_epoch()
     epochs = stage.epochs if not stage.max_steps else -(-stage.max_steps // steps)
     total = min(steps * epochs, stage.max_steps or steps * epochs)
@@ -145,4 +151,4 @@ def train_encoder(cfg: Config, module: nn.Module, encoder: AudioNTT, source: Sha
     if is_main():
         export_encoder(encoder, out, state=state, meta={"stage": out.name, "norm_mean": norm[0], "norm_std": norm[1]})
         write_history(progress, out / "history.json")
-        mark_done(out, {"steps": progress.global_step, "world_size": world})
+        mark_done(out, {"steps": progress.global_step, "world_size": stream.world})

@@ -18,7 +18,7 @@ from ..engine.export import load_encoder
 from ..engine.trainer import Trainer, write_history
 from ..models.encoder import AudioNTT, count_parameters
 from .common import Features, embed_split, eval_transform, labelled_subset, norm_stats, split_dir, \
-    tensor_batches, train_transform
+    tensor_batches, train_transform, training_stream
 
 # row -> (stage whose encoder initialises it, or None for random init; full fine-tuning or linear probe)
 ROWS = {
@@ -92,11 +92,8 @@ def run(cfg: Config, row: str) -> None:
 def _finetune(cfg, encoder, features, train, n_classes, out):
     c = cfg.finetune
     model = Classifier(encoder, features, n_classes)
-    rank, world = init_distributed()
     # Fine-tuning trains on crops of the task's length, as it is evaluated (METHOD.md: task-specific crops).
-    stream = ShardStream(train, train_transform(cfg.audio, "label", cfg.data.task_seconds), cfg.run.seed,
-                         shuffle=True, rank=rank, world=world, workers=cfg.data.num_workers,
-                         batch_size=c.batch_size, shuffle_buffer=cfg.data.shuffle_buffer)
+    stream = training_stream(cfg, train, train_transform(cfg.audio, "label", cfg.data.task_seconds), c.batch_size)
     steps = stream.batches_per_epoch()
     trainer = Trainer(model, cfg.engine, c.optim, c.batch_size, steps * c.epochs, out / "ckpt", cfg.hash(),
                       desc=f"finetune {out.name}")

@@ -1,0 +1,187 @@
+"""Builder at corpus scale: every kind of bad input is rejected (never dropped), an interrupted or killed
+build resumes writing only what is missing, long recordings are cut into segments, and shards can hold
+FLAC or WAV."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from shards_tools.build import RECORDS_DIR, REJECTED_NAME, build
+from shards_tools.sources import SourceError
+from shards_tools.verify import verify_split
+from unfused_dist.data.manifest import DatasetManifest
+from unfused_dist.data.shards import iter_shard
+
+CLI = Path(sys.executable).parent / "unfused-shards"
+
+
+def _noise(seconds: float, sr: int = 16000, seed: int = 0) -> np.ndarray:
+    return (0.2 * np.random.default_rng(seed).standard_normal(int(sr * seconds))).astype(np.float32)
+
+
+def _good_corpus(root: Path, n: int, seconds: float = 0.5) -> list[str]:
+    root.mkdir(parents=True, exist_ok=True)
+    names = [f"g{i:03d}.wav" for i in range(n)]
+    for i, name in enumerate(names):
+        sf.write(root / name, _noise(seconds, 22050, i), 22050)
+    return names
+
+
+def _bad_inputs(root: Path) -> dict[str, str]:
+    """Every bad kind the issue names -> the start of the reason it must be rejected with."""
+    good = root / "g000.wav"
+    wav = good.read_bytes()
+    sf.write(root / "full.flac", _noise(1.0), 16000)
+    flac = (root / "full.flac").read_bytes()
+    (root / "full.flac").unlink()
+    (root / "trunc_wav.wav").write_bytes(wav[: len(wav) // 2])
+    (root / "trunc_flac.flac").write_bytes(flac[: len(flac) // 2])
+    (root / "zero_length.wav").write_bytes(b"")
+    sf.write(root / "zero_frames.wav", np.zeros(0, np.float32), 16000)
+    (root / "not_audio.wav").write_text("just some text, not audio\n" * 20)
+    codec = bytearray(wav)
+    codec[20:22] = struct.pack("<H", 0x1234)  # an unknown WAVE format tag
+    (root / "bad_codec.wav").write_bytes(bytes(codec))
+    x = _noise(0.5)
+    x[100] = np.nan
+    sf.write(root / "nan.wav", x, 16000, subtype="FLOAT")
+    x[100] = np.inf
+    sf.write(root / "inf.wav", x, 16000, subtype="FLOAT")
+    (root / "a_directory.wav").mkdir()
+    (root / "dangling.wav").symlink_to(root / "nowhere.wav")
+    (root / "dup").mkdir()
+    sf.write(root / "dup/k.wav", _noise(0.5), 16000)  # key dup__k; good (first in path order)
+    sf.write(root / "dup__k.wav", _noise(0.5), 16000)  # the same key: rejected
+    return {"trunc_wav.wav": "truncated", "trunc_flac.flac": "corrupt", "zero_length.wav": "empty file",
+            "zero_frames.wav": "zero-length audio", "not_audio.wav": "undecodable", "bad_codec.wav": "undecodable",
+            "nan.wav": "NaN or inf", "inf.wav": "NaN or inf", "a_directory.wav": "unreadable",
+            "dangling.wav": "missing file", "dup__k.wav": "duplicate key dup__k"}
+
+
+def test_every_bad_kind_goes_to_rejected_jsonl_and_every_good_file_to_the_shards(tmp_path: Path) -> None:
+    src = tmp_path / "raw"
+    good = _good_corpus(src, 6)
+    bad = _bad_inputs(src)
+    listing = src / "files.csv"  # a CSV can name a folder as a file, which a folder scan would not
+    listing.write_text("files\n" + "".join(f"{name}\n" for name in [*good, "dup/k.wav", *bad]))
+    r = subprocess.run([str(CLI), "build", str(listing), str(tmp_path / "out"), "--workers", "2", "--shard-samples", "4",
+                        "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stderr
+    assert f"{len(bad)} rejected" in r.stdout and "rejected.jsonl" in r.stderr
+    split = tmp_path / "out/train"
+    rejected = {j["path"]: j["reason"] for j in map(json.loads, (split / REJECTED_NAME).read_text().splitlines())}
+    assert set(rejected) == set(bad)
+    for path, reason in bad.items():
+        assert rejected[path].startswith(reason), (path, rejected[path])
+    keys = [s.key for shard in DatasetManifest.load(split).shard_paths(split) for s in iter_shard(shard)]
+    expected_good = {Path(g).stem for g in good} | {"dup__k"}
+    assert set(keys) == expected_good and len(keys) == len(expected_good)
+    assert DatasetManifest.load(split).build.rejected == len(bad)
+    verify_split(split)
+
+
+def _records_mtimes(split: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in split.glob("audio-*.tar")}
+
+
+def test_a_build_run_again_writes_only_missing_or_changed_shards(tmp_path: Path) -> None:
+    src = tmp_path / "raw"
+    _good_corpus(src, 12)
+    out = tmp_path / "out"
+    first = build(src, out, workers=2, shard_samples=3, progress=False)[0]
+    split = out / "train"
+    shas = [s.sha256 for s in DatasetManifest.load(split).shards]
+    before = _records_mtimes(split)
+
+    (split / "audio-000002.tar").unlink()  # lost
+    sf.write(src / "g010.wav", _noise(0.5, 22050, 99), 22050)  # changed: its shard (3) must be redone
+    again = build(src, out, workers=2, shard_samples=3, progress=False)[0]
+    after = _records_mtimes(split)
+    assert (first.reused, again.reused) == (0, 2)
+    assert {n for n in after if after[n] != before.get(n)} == {"audio-000002.tar", "audio-000003.tar"}
+    new = [s.sha256 for s in DatasetManifest.load(split).shards]
+    assert new[:3] == shas[:3] and new[3] != shas[3]
+    verify_split(split)
+
+    # a different plan (shard size) rebuilds everything and leaves no stale shard or record behind
+    build(src, out, workers=1, shard_samples=5, progress=False)
+    assert sorted(p.name for p in split.glob("audio-*.tar")) == [f"audio-00000{i}.tar" for i in range(3)]
+    assert sorted(p.name for p in (split / RECORDS_DIR).glob("*.json")) == [f"audio-00000{i}.tar.json"
+                                                                          for i in range(3)]
+
+
+def test_a_killed_build_resumes_and_ends_byte_identical(tmp_path: Path) -> None:
+    src = tmp_path / "raw"
+    _good_corpus(src, 40, seconds=1.0)
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    build(src, clean, workers=1, shard_samples=2, progress=False)
+    records = out / "train" / RECORDS_DIR
+    proc = subprocess.Popen([str(CLI), "build", str(src), str(out), "--workers", "2", "--shard-samples", "2",
+                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (records.is_dir() and any(records.glob("audio-*.json"))):  # wait for a finished shard
+            assert proc.poll() is None and time.monotonic() < deadline, "build ended before it could be killed"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "train/manifest.json").exists()  # the split is visibly incomplete
+    done_before = {p.name.removesuffix(".json") for p in records.glob("audio-*.json")}
+    assert 0 < len(done_before) < 20
+
+    summary = build(src, out, workers=2, shard_samples=2, progress=False)[0]
+    assert summary.reused >= len(done_before) and summary.shards == 20
+    assert [s.sha256 for s in DatasetManifest.load(out / "train").shards] == \
+        [s.sha256 for s in DatasetManifest.load(clean / "train").shards]
+    assert not list((out / "train").glob(".*.tmp"))
+    verify_split(out / "train")
+
+
+def test_a_second_build_into_the_same_split_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "raw"
+    _good_corpus(src, 2)
+    (tmp_path / "out/train" / RECORDS_DIR).mkdir(parents=True)
+    with open(tmp_path / "out/train" / RECORDS_DIR / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SourceError, match="another `unfused-shards build` is writing"):
+            build(src, tmp_path / "out", workers=1, progress=False)
+    build(src, tmp_path / "out", workers=1, progress=False)  # released: fine
+
+
+def test_long_recordings_are_cut_into_segments_and_nothing_is_dropped(tmp_path: Path) -> None:
+    src = tmp_path / "raw"
+    src.mkdir()
+    sf.write(src / "long.flac", _noise(10.4, 44100, 1), 44100)  # 10.4 s -> 4 + 4 + 2.4
+    sf.write(src / "tail.wav", _noise(9.5, 16000, 2), 16000)  # 9.5 s -> 4 + 5.5 (1.5 s tail < half joins)
+    sf.write(src / "short.wav", _noise(3.0, 16000, 3), 16000)  # stays whole, own key
+    build(src, tmp_path / "out", workers=2, shard_samples=2, segment_seconds=4.0, progress=False)
+    split = tmp_path / "out/train"
+    metas = [s.meta() for shard in DatasetManifest.load(split).shard_paths(split) for s in iter_shard(shard)]
+    got = {m["id"]: (round(m["duration"], 3), round(m.get("offset", -1), 3)) for m in metas}
+    assert got == {"long__seg00000": (4.0, 0.0), "long__seg00001": (4.0, 4.0), "long__seg00002": (2.4, 8.0),
+                   "short": (3.0, -1), "tail__seg00000": (4.0, 0.0), "tail__seg00001": (5.5, 4.0)}
+    verify_split(split)
+
+
+def test_wav_codec_shards_verify_and_decode(tmp_path: Path) -> None:
+    src = tmp_path / "raw"
+    _good_corpus(src, 3)
+    build(src, tmp_path / "out", workers=1, codec="wav", progress=False)
+    split = tmp_path / "out/train"
+    assert DatasetManifest.load(split).codec == "wav"
+    samples = list(iter_shard(split / "audio-000000.tar"))
+    assert set(samples[0].members) == {"wav", "json"} and samples[0].audio(16000).shape == (8000,)
+    verify_split(split)
