@@ -37,3 +37,32 @@ def test_bad_yaml_file_names_the_file(tmp_path):
     path.write_text("distill:\n  epoch: 3\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'distill.epoch' \(did you mean 'distill.epochs'"):
         load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.bad_samples=drop", "'data.bad_samples' is 'drop'; use one of 'skip', 'fail'"),
+    ("engine.zero_stage=4", "'engine.zero_stage' is 4; use one of 0, 1, 2, 3"),
+    ("engine.precision=fp8", "'engine.precision' is 'fp8'"),
+])
+def test_values_outside_their_choices_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_engine_combinations_that_cannot_work_are_refused():
+    from unfused_dist.config import EngineConfig
+    from unfused_dist.engine.dsconfig import deepspeed_config
+
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        deepspeed_config(EngineConfig(precision="fp16"), 8, 1)
+    with pytest.raises(ConfigError, match="offload=cpu needs engine.zero_stage 1, 2 or 3"):
+        deepspeed_config(EngineConfig(zero_stage=0, offload="cpu"), 8, 1)
+    ds = deepspeed_config(EngineConfig(zero_stage=3, offload="cpu", grad_accum=4, precision="bf16"), 8, 2)
+    assert ds["train_batch_size"] == 64 and ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+
+
+def test_how_a_run_runs_is_not_part_of_what_it_computes():
+    base = load_config(None)
+    assert load_config(None, ["run.nproc=4", "engine.save_every_steps=7"]).hash() == base.hash()
+    assert load_config(None, ["pretrain.epochs=9"]).hash() != base.hash()

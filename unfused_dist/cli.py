@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .artefacts import is_done
-from .config import Config, ConfigError, load_config, save_config
+from .config import RUNTIME_KEYS, Config, ConfigError, load_config, save_config
 from .errors import UnfusedError
 
 
@@ -20,11 +20,10 @@ def prepare_run_dir(cfg: Config) -> Path:
     if path.exists():
         old = load_config(path)
         if old.hash() != cfg.hash():
-            diff = _diff(old.to_dict(), cfg.to_dict())
+            diff = [d for d in _diff(old.to_dict(), cfg.to_dict()) if d.split(":")[0] not in RUNTIME_KEYS]
             raise ConfigError(f"{path}: this run dir holds a run with a different config ({', '.join(diff[:4])}); "
                               "choose another run.dir or delete the directory")
-    else:
-        save_config(cfg, path)
+    save_config(cfg, path)  # the same run; runtime keys (process count, checkpoint cadence) may have changed
     return path
 
 
@@ -46,9 +45,9 @@ def cmd_run(args) -> None:
         check_inputs(cfg)  # before the run dir is created, so a corrected command is not refused
     config_path = prepare_run_dir(cfg)
     if args.stage == "pipeline":
-        run_pipeline(cfg, config_path)
+        run_pipeline(cfg, config_path, reshard=args.reshard)
     else:
-        run_stage(cfg, args.stage)
+        run_stage(cfg, args.stage, reshard=args.reshard)
 
 
 def cmd_status(args) -> None:
@@ -68,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("stage", help="pipeline | pretrain | pseudolabel | distill | finetune-<row> | evaluate")
     run.add_argument("-c", "--config", default=None, help="YAML config (default: built-in defaults)")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.dir=runs/x pretrain.epochs=3")
+    run.add_argument("--reshard", action="store_true",
+                     help="resume a checkpoint written by a different number of processes from its fp32 weights, "
+                          "at the start of its epoch (optimizer moments restart)")
     status = sub.add_parser("status", help="stages of a run directory and whether they finished")
     status.add_argument("run")
     for name in ("launch", "cancel"):

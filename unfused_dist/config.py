@@ -68,12 +68,14 @@ class OptimConfig:
 
 @dataclass
 class EngineConfig:
-    zero_stage: int = 1
-    precision: str = "fp32"  # fp32 | bf16
+    zero_stage: int = 1  # 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU only)
+    offload: str = "none"  # none | cpu: optimizer states (and, at stage 3, parameters) in host memory
     grad_accum: int = 1
     grad_clip: float = 0.0  # 0: off
     save_every_steps: int = 200  # 0: off
-    save_every_minutes: float = 10.0  # at epoch ends; the last epoch is always saved
+    save_every_minutes: float = 10.0  # 0: off; checked every step, rank 0's clock decides
+    keep_checkpoints: int = 2  # the newest complete checkpoints kept; older ones are deleted
 
 
 @dataclass
@@ -145,11 +147,21 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """Identity of what the run computes. How it runs (RUNTIME_KEYS) may change between invocations:
+        a changed process count is then caught by the checkpoint (refused, or --reshard)."""
+        d = self.to_dict()
+        for dotted in RUNTIME_KEYS:
+            section, key = dotted.split(".")
+            d[section].pop(key)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+RUNTIME_KEYS = ("run.nproc", "engine.save_every_steps", "engine.save_every_minutes", "engine.keep_checkpoints")
 
 
 # Keys that take one of a few words.
-CHOICES = {"data.bad_samples": ("skip", "fail")}
+CHOICES = {"data.bad_samples": ("skip", "fail"), "engine.precision": ("fp32", "bf16", "fp16"),
+           "engine.offload": ("none", "cpu"), "engine.zero_stage": (0, 1, 2, 3)}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

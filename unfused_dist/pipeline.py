@@ -3,6 +3,7 @@ training stages under torchrun when run.nproc > 1; a stage whose done.json exist
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,9 +27,12 @@ def stage_dir(cfg: Config, name: str) -> Path | None:
     return None if name == "evaluate" else cfg.run.path / name
 
 
-def run_stage(cfg: Config, name: str) -> None:
+def run_stage(cfg: Config, name: str, reshard: bool = False) -> None:
     """Run one stage in this process (under torchrun, in every rank)."""
+    from .engine.trainer import TRAINER_OPTIONS
     from .stages import distill, evaluate, finetune, pretrain, pseudolabel
+
+    TRAINER_OPTIONS.reshard = reshard
 
     if name.startswith("finetune-"):
         finetune.run(cfg, name.split("-", 1)[1])
@@ -40,8 +44,8 @@ def run_stage(cfg: Config, name: str) -> None:
     runners[name](cfg)
 
 
-def stage_command(cfg: Config, name: str, config_path: Path) -> list[str]:
-    cli = ["-m", "unfused_dist.cli", "run", name, "-c", str(config_path)]
+def stage_command(cfg: Config, name: str, config_path: Path, reshard: bool = False) -> list[str]:
+    cli = ["-m", "unfused_dist.cli", "run", name, "-c", str(config_path), *(["--reshard"] if reshard else [])]
     trains = name in TRAINING or (name.startswith("finetune-") and not name.endswith("_probe"))
     if cfg.run.nproc > 1 and trains:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.run.nproc}",
@@ -62,7 +66,7 @@ def check_inputs(cfg: Config) -> None:
                                f"{len(labels)} classes); build it from a manifest with a label column")
 
 
-def run_pipeline(cfg: Config, config_path: Path) -> None:
+def run_pipeline(cfg: Config, config_path: Path, reshard: bool = False) -> None:
     t_start = time.time()
     summary = []
     for name in stage_names(cfg):
@@ -71,14 +75,36 @@ def run_pipeline(cfg: Config, config_path: Path) -> None:
             print(f"[pipeline] {name}: done already ({d / 'done.json'}), skipped")
             summary.append((name, "skipped", 0.0))
             continue
-        cmd = stage_command(cfg, name, config_path)
+        cmd = stage_command(cfg, name, config_path, reshard)
         print(f"[pipeline] {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        rc = subprocess.call(cmd, env=env)
+        rc, signalled = _run_forwarding_signals(cmd, {**os.environ, "PYTHONUNBUFFERED": "1"})
+        if signalled or (rc == 0 and d is not None and not is_done(d)):
+            print(f"[pipeline] {name}: stopped by {signalled or 'a signal'} (exit {rc}) after saving a checkpoint; "
+                  "run the same command again to resume", flush=True)
+            return
         if rc != 0:
             raise UnfusedError(f"stage '{name}' failed (exit {rc}); fix the error above and re-run the same "
                                "command: finished stages are skipped")
         summary.append((name, "ran", time.time() - t0))
     print("[pipeline] summary: " + ", ".join(f"{n} {s}{f' {t:.0f}s' if t else ''}" for n, s, t in summary)
           + f"; total {time.time() - t_start:.0f}s; run dir {cfg.run.path}")
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict) -> tuple[int, str | None]:
+    """Run a stage; SIGTERM/SIGUSR2 sent to the pipeline go to the stage as SIGTERM (torchrun passes that
+    on to every rank), which saves a checkpoint and stops. Returns (exit code, signal name or None)."""
+    received: list[str] = []
+    child = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, frame):
+        received.append(signal.Signals(signum).name)
+        child.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        rc = child.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return rc, (received[0] if received else None)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..engine.preemption import ignore_in_workers
 from .manifest import DatasetManifest
 from .shards import RawSample, ShardError, iter_shard, iter_shard_with_labels
 
@@ -245,7 +246,10 @@ def make_loader(stream: ShardStream, batch_size: int | None = None) -> DataLoade
     training = stream.batch_size is not None
     return DataLoader(stream, batch_size=stream.batch_size if training else batch_size,
                       num_workers=stream.workers, drop_last=training, persistent_workers=False,
-                      collate_fn=_collate)
+                      collate_fn=_collate, worker_init_fn=ignore_in_workers,
+                      # its own generator: a DataLoader otherwise draws its workers' seed from torch's global
+                      # RNG, and a resume (which starts a new DataLoader mid-epoch) would shift that stream
+                      generator=torch.Generator().manual_seed(stream.seed))
 
 
 def _collate(items: list) -> tuple:

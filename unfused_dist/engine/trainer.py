@@ -1,5 +1,13 @@
 """The one training engine: a DeepSpeed engine around a module whose forward(*batch) returns
-(loss, logs), a train loop with progress, periodic checkpoints, and automatic resume."""
+(loss, logs), a train loop with progress, checkpoints (every N steps, every M minutes, and on SIGTERM /
+SIGUSR2), and automatic, exact resume.
+
+What a checkpoint holds beyond DeepSpeed's module/optimizer/scheduler state: the position (epoch, batches
+into it, global step), the loss history, every rank's loader state, RNG states (python, numpy, torch, per
+rank), the module's own per-rank state (`rank_state()` / `load_rank_state()`, e.g. an augmentation memory
+bank), the config hash and the world size. The learning-rate schedule is ours (schedule.py), so its
+position is the optimizer step count and it continues where it stopped.
+"""
 from __future__ import annotations
 
 import json
@@ -11,18 +19,31 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from ..artefacts import atomic_write_text
 from ..config import EngineConfig, OptimConfig
 from ..errors import UnfusedError
-from .distributed import all_gather_object, average_buffers, broadcast_object, init_distributed, is_main
+from .checkpoint import Checkpoints
+from .distributed import all_gather_object, average_buffers, init_distributed, is_main
+from .dsconfig import deepspeed_config
+from .preemption import Preempted, PreemptionSignals
 from .schedule import build_optimizer, build_scheduler
 
 
 class ResumeError(UnfusedError, RuntimeError):
     pass
+
+
+@dataclass
+class TrainerOptions:
+    """Per-invocation choices from the command line (not part of the run's config)."""
+    reshard: bool = False
+
+
+TRAINER_OPTIONS = TrainerOptions()
 
 
 @dataclass
@@ -33,35 +54,36 @@ class Progress:
     history: list[dict] = field(default_factory=list)
 
 
-def deepspeed_config(cfg: EngineConfig, micro_batch: int) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "zero_allow_untested_optimizer": True,  # our torch optimizers are fine under ZeRO 1-3
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-    }
-
-
 class Trainer:
+    """`reshard`: when the newest checkpoint was written by a different number of processes, start from its
+    consolidated fp32 weights at the beginning of its epoch (optimizer moments restart) instead of refusing."""
+
     def __init__(self, module: nn.Module, engine_cfg: EngineConfig, optim_cfg: OptimConfig, micro_batch: int,
-                 total_steps: int, ckpt_dir: Path, config_hash: str, desc: str):
+                 total_steps: int, ckpt_dir: Path, config_hash: str, desc: str, reshard: bool | None = None):
         import deepspeed
 
-        if engine_cfg.precision not in ("fp32", "bf16"):
-            raise ValueError(f"engine.precision '{engine_cfg.precision}' is not one of fp32, bf16")
         self.rank, self.world = init_distributed()
-        self.cfg, self.ckpt_dir, self.config_hash, self.desc = engine_cfg, Path(ckpt_dir), config_hash, desc
-        optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], optim_cfg)
-        scheduler = build_scheduler(optimizer, max(1, total_steps // engine_cfg.grad_accum), optim_cfg)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(engine_cfg, micro_batch))
+        self.cfg, self.config_hash, self.desc = engine_cfg, config_hash, desc
+        self.checkpoints = Checkpoints(ckpt_dir, engine_cfg.keep_checkpoints)
         self.progress = Progress()
         self.data_layout: dict | None = None
+        # Decide how to resume before DeepSpeed partitions anything: a resharded resume loads plain fp32
+        # weights into the module and starts the schedule at the saved optimizer step.
+        self._resume_from = self.checkpoints.newest_complete()
+        # A resharded run's schedule starts at an offset, which its own later checkpoints keep.
+        self.schedule_start = self._resume_from[1].get("schedule_start", 0) if self._resume_from else 0
+        if self._resume_from and self._resume_from[1]["world_size"] != self.world:
+            if not (TRAINER_OPTIONS.reshard if reshard is None else reshard):
+                self._refuse(*self._resume_from)
+            self.schedule_start = self._reshard(module, *self._resume_from)
+            self._resume_from = None
+        optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], optim_cfg, engine_cfg)
+        scheduler = build_scheduler(optimizer, max(1, total_steps // engine_cfg.grad_accum), optim_cfg,
+                                    start=self.schedule_start)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(engine_cfg, micro_batch, self.world))
+        self.signals = PreemptionSignals()
 
     @property
     def module(self) -> nn.Module:
@@ -71,103 +93,162 @@ class Trainer:
             clips_per_step: int, on_epoch_end: Callable[[int], dict] | None = None,
             max_steps: int = 0, data_layout: dict | None = None) -> Progress:
         """Train `epochs` x `steps_per_epoch` micro-steps (at most `max_steps` if set), resuming from the
-        newest checkpoint if any. `batches(epoch, start)` yields the epoch's batches from batch `start` on;
-        `data_layout` (world size, workers, batch size...) must be unchanged for a resume to be exact.
-        `on_epoch_end(epoch)` may return values to log with the epoch's last step."""
+        newest complete checkpoint if any. `batches(epoch, start)` yields the epoch's batches from batch
+        `start` on; `data_layout` (world size, workers, batch size...) must be unchanged for a resume to be
+        exact. `on_epoch_end(epoch)` may return values to log with the epoch's last step.
+        Raises Preempted (exit code 0) after saving, when SIGTERM or SIGUSR2 arrived."""
         self.data_layout = data_layout
-        self.resume()
+        if self._resume_from:
+            self._load(*self._resume_from)
         p = self.progress
         total = min(steps_per_epoch * epochs, max_steps or steps_per_epoch * epochs)
         bar = tqdm(total=total, initial=p.global_step, desc=self.desc, unit="step", disable=not is_main(),
                    dynamic_ncols=True)
-        last_save = time.time()
-        while p.global_step < total:
-            self.module.train()
-            for i, batch in enumerate(batches(p.epoch, p.step_in_epoch), start=p.step_in_epoch):
-                if i >= steps_per_epoch or p.global_step >= total:
-                    break
-                self._step(batch, i, clips_per_step)
-                bar.update(1)
-                h = p.history[-1]
-                bar.set_postfix(loss=f"{h['loss']:.3f}", lr=f"{h['lr']:.2e}", clips_s=f"{h['clips_s']:.0f}")
-                if self.cfg.save_every_steps and p.global_step % self.cfg.save_every_steps == 0:
-                    self.save()
-                    last_save = time.time()
-            average_buffers(self.module)
-            if p.step_in_epoch >= steps_per_epoch:  # a whole epoch (not a max_steps stop mid-epoch)
-                extra = on_epoch_end(p.epoch) if on_epoch_end else None
-                if extra:
-                    p.history[-1].update(extra)
-                p.epoch, p.step_in_epoch = p.epoch + 1, 0
-            # Rank 0's clock decides, so every rank joins the same (collective) save.
-            final = p.global_step >= total
-            if broadcast_object(final or time.time() - last_save > 60 * self.cfg.save_every_minutes):
-                self.save()
-                last_save = time.time()
+        self._last_save = time.monotonic()
+        with self.signals:
+            while p.global_step < total and p.epoch < epochs:  # (a resharded run can reach the last epoch early)
+                self.module.train()
+                waited = time.perf_counter()
+                for i, batch in enumerate(batches(p.epoch, p.step_in_epoch), start=p.step_in_epoch):
+                    if i >= steps_per_epoch or p.global_step >= total:
+                        break
+                    self._step(batch, i, clips_per_step, time.perf_counter() - waited)
+                    bar.update(1)
+                    h = p.history[-1]
+                    bar.set_postfix(loss=f"{h['loss']:.3f}", lr=f"{h['lr']:.2e}", clips_s=f"{h['clips_s']:.0f}")
+                    self._maybe_save(final=False)
+                    waited = time.perf_counter()
+                average_buffers(self.module)
+                if p.step_in_epoch >= steps_per_epoch:  # a whole epoch (not a max_steps stop mid-epoch)
+                    extra = on_epoch_end(p.epoch) if on_epoch_end else None
+                    if extra:
+                        p.history[-1].update(extra)
+                    p.epoch, p.step_in_epoch = p.epoch + 1, 0
+                self._maybe_save(final=p.global_step >= total or p.epoch >= epochs)
         bar.close()
         return p
 
-    def _step(self, batch, index: int, clips_per_step: int) -> None:
-        t0 = time.time()
+    def _step(self, batch, index: int, clips_per_step: int, data_s: float) -> None:
+        t0 = time.perf_counter()
         loss, logs = self.engine(*batch)
         self.engine.backward(loss)
         self.engine.step()
         after = getattr(self.module, "after_step", None)
         if after is not None:
             after()
+        step_s = time.perf_counter() - t0
         p = self.progress
         p.global_step += 1
         p.step_in_epoch = index + 1
         p.history.append({"step": p.global_step, "epoch": p.epoch, "loss": loss.item(),
-                          "lr": self.scheduler.get_last_lr()[0],
-                          "clips_s": clips_per_step * self.world / (time.time() - t0),
+                          "lr": self.scheduler.get_last_lr()[0], "step_s": step_s, "data_s": data_s,
+                          "clips_s": clips_per_step * self.world / max(step_s + data_s, 1e-9),
                           **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}})
 
     # --- checkpoints -------------------------------------------------------------------------------
-    def save(self) -> None:
-        """All ranks call DeepSpeed's save; per-rank RNG states travel in client_state (rank 0 writes it)."""
-        rng = all_gather_object({"python": random.getstate(), "numpy": np.random.get_state(),
-                                 "torch": torch.get_rng_state()})
-        p = self.progress
-        state = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step,
-                 "history": p.history, "world_size": self.world, "config_hash": self.config_hash, "rng": rng,
-                 "data_layout": self.data_layout}
-        tag = f"step{p.global_step:08d}"
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
-        if is_main():  # readable without unpickling, to refuse a changed world size before loading
-            atomic_write_text(self.ckpt_dir / tag / "unfused.json",
-                              json.dumps({"world_size": self.world, "global_step": p.global_step}))
+    def _maybe_save(self, final: bool) -> None:
+        """Every rank must join the same saves: one tiny all-reduce per step carries each rank's reasons
+        (a signal may reach only some ranks; rank 0's clock decides the time-based saves)."""
+        c, p = self.cfg, self.progress
+        due_step = bool(c.save_every_steps) and p.global_step % c.save_every_steps == 0 and not final
+        due_time = is_main() and c.save_every_minutes > 0 and \
+            time.monotonic() - self._last_save > 60 * c.save_every_minutes
+        flags = torch.tensor([float(final or due_step or due_time), float(self.signals.received is not None)])
+        if self.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        save, stop = bool(flags[0]), bool(flags[1])
+        if save or stop:
+            self.save()
+        if stop:
+            if is_main():
+                print(f"[{self.desc}] stopping on {self.signals.received or 'a signal to another rank'} after "
+                      f"saving step {p.global_step}; run the same command again to resume", flush=True)
+            raise Preempted(p.global_step)
 
-    def resume(self) -> bool:
-        if not (self.ckpt_dir / "latest").exists():
-            return False
-        tag = (self.ckpt_dir / "latest").read_text().strip()
-        meta = self._peek_client_state(tag)
-        if meta is not None and meta.get("world_size") != self.world:
-            raise ResumeError(f"{self.ckpt_dir}/{tag}: saved with world size {meta.get('world_size')}, "
-                              f"now {self.world}; run with the same number of processes")
-        path, state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+    def save(self) -> None:
+        """Collective. Rank 0's client_state holds what all ranks share; each rank's own RNG and module
+        state go to its own file (loaded with weights_only=True)."""
+        p = self.progress
+        loader = {**(self.data_layout or {}), "rank": self.rank, "epoch": p.epoch, "batches_done": p.step_in_epoch}
+        client = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step,
+                  "history": p.history, "world_size": self.world, "config_hash": self.config_hash,
+                  "data_layout": self.data_layout, "loaders": all_gather_object(loader)}
+        rank_state = {"rng": _rng_state(), "module": getattr(self.module, "rank_state", dict)()}
+        meta = {"world_size": self.world, "global_step": p.global_step, "epoch": p.epoch,
+                "step_in_epoch": p.step_in_epoch, "optimizer_steps": p.global_step // self.cfg.grad_accum,
+                "zero_stage": self.cfg.zero_stage, "config_hash": self.config_hash,
+                "schedule_start": self.schedule_start}
+        self.checkpoints.save(self.engine, p.global_step, client, rank_state, meta)
+        self._last_save = time.monotonic()
+
+    def _load(self, tag: str, meta: dict) -> None:
+        where = self.checkpoints.dir / tag
+        path, state = self.engine.load_checkpoint(str(self.checkpoints.dir), tag=tag)
         if path is None:
-            raise ResumeError(f"{self.ckpt_dir}/{tag}: checkpoint could not be loaded; delete it to restart")
+            raise ResumeError(f"{where}: DeepSpeed could not load this checkpoint; move it away to use an older one")
         if state.get("data_layout") != self.data_layout:
-            raise ResumeError(f"{self.ckpt_dir}/{tag}: data layout {state.get('data_layout')} differs from now "
-                              f"({self.data_layout}); resume with the same data.num_workers and batch size")
+            raise ResumeError(f"{where}: data layout {state.get('data_layout')} differs from now "
+                              f"({self.data_layout}); resume with the same data.num_workers, batch size and shards")
         p = self.progress
         p.epoch, p.step_in_epoch, p.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         p.history = state["history"]
-        mine = state["rng"][self.rank]
-        random.setstate(mine["python"])
-        np.random.set_state(mine["numpy"])
-        torch.set_rng_state(mine["torch"])
+        mine = self.checkpoints.load_rank_state(tag, self.rank)
+        _set_rng_state(mine["rng"])
+        if hasattr(self.module, "load_rank_state"):
+            self.module.load_rank_state(mine["module"])
         if is_main():
-            print(f"[{self.desc}] resumed from {self.ckpt_dir}/{tag} (epoch {p.epoch}, step {p.global_step})")
-        return True
+            print(f"[{self.desc}] resumed from {where} (epoch {p.epoch}, step {p.global_step})", flush=True)
 
-    def _peek_client_state(self, tag: str) -> dict | None:
-        path = self.ckpt_dir / tag / "unfused.json"
-        return json.loads(path.read_text()) if path.exists() else None
+    def _refuse(self, tag: str, meta: dict) -> None:
+        raise ResumeError(f"{self.checkpoints.dir / tag}: saved by {meta['world_size']} processes, now {self.world}; "
+                          f"run with {meta['world_size']} processes to resume exactly, or pass --reshard to start "
+                          "from its fp32 weights at the beginning of its epoch (optimizer moments restart)")
+
+    def _reshard(self, module: nn.Module, tag: str, meta: dict) -> int:
+        """Load the checkpoint's consolidated fp32 weights into the plain module; the data epoch restarts.
+        Returns the optimizer step the learning-rate schedule starts from."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # trainable weights from every rank's fp32 partitions; frozen ones and buffers from the module file
+        state = get_fp32_state_dict_from_zero_checkpoint(str(self.checkpoints.dir), tag=tag)
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ResumeError(f"{self.checkpoints.dir / tag}: its consolidated weights do not fit this model "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was the config changed?")
+        p = self.progress
+        p.epoch, p.step_in_epoch = meta["epoch"], 0
+        p.global_step = meta["global_step"] - meta["step_in_epoch"]
+        p.history = [h for h in self.checkpoints.history(tag) if h["step"] <= p.global_step]
+        if is_main():
+            print(f"[{self.desc}] resharded {self.checkpoints.dir / tag} from {meta['world_size']} to {self.world} "
+                  f"processes: restarting epoch {p.epoch} at step {p.global_step}", flush=True)
+        return p.global_step // self.cfg.grad_accum
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tuples(x):
+    """random.setstate wants the nested tuples back (a save/load round trip may give lists)."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def write_history(progress: Progress, path: Path) -> None:
     if is_main():
         atomic_write_text(path, json.dumps(progress.history))
+

@@ -49,6 +49,16 @@ class SSLModule(nn.Module):
         return slicer_loss(online[0], online[1], keys[0], keys[1], c.temperature, c.cluster_temperature,
                            c.cluster_weight)
 
+    def rank_state(self) -> dict:
+        """Per-rank state the engine checkpoints: the augmentation RNG and the mixup memory bank."""
+        bank = self.mixup.bank
+        return {"gen": self.gen.get_state(), "bank": bank.cpu() if bank is not None else torch.empty(0)}
+
+    def load_rank_state(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        bank = state["bank"]
+        self.mixup.bank = bank.to(self.proj.weight.device) if bank.numel() else None
+
     @torch.no_grad()
     def after_step(self) -> None:
         for name, online in (("encoder", self.encoder), ("proj", self.proj), ("cluster", self.cluster)):

@@ -1,0 +1,88 @@
+"""A small real training job for the engine tests, run under torchrun: real shards streamed by 2 DataLoader
+workers per rank, a DeepSpeed engine at the ZeRO stage asked for, random crops and dropout (so RNG states
+matter), checkpoints every few steps. It logs the sample keys of every batch it trains on, and can kill its
+whole process group (SIGKILL) or send itself SIGTERM at a chosen step, so the tests hit exact steps
+without timing races."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unfused_dist.config import EngineConfig, OptimConfig
+from unfused_dist.data.loader import ShardSource, ShardStream, make_loader
+from unfused_dist.engine.export import full_state_dict
+from unfused_dist.engine.trainer import Trainer, write_history
+
+torch.set_num_threads(1)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 4))
+
+    def forward(self, x, y):
+        x = x + 0.01 * torch.randn(x.shape)  # torch's global RNG: a resume must restore it
+        return F.cross_entropy(self.net(x), y), {}
+
+
+def transform(sample, rng: np.random.Generator):
+    audio = sample.audio(16000)
+    start = int(rng.integers(0, len(audio) - 1536))  # a random crop, seeded by the sample's place
+    return audio[start:start + 1536].reshape(24, 64).mean(0), int(sample.key[1:]) % 4, sample.key
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--zero", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--save-every", type=int, default=3)
+    p.add_argument("--name", default="run", help="name of this invocation's key log")
+    p.add_argument("--kill-at", type=int, default=-1, help="rank 0 SIGKILLs the whole job before this step")
+    p.add_argument("--sigterm-at", type=int, default=-1, help="the last rank SIGTERMs itself before this step")
+    p.add_argument("--reshard", action="store_true")
+    args = p.parse_args()
+    out = Path(args.out)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+    stream = ShardStream(ShardSource(args.data), transform, seed=3, shuffle=True, rank=rank, world=world,
+                         workers=2, batch_size=4, shuffle_buffer=8)
+    steps = stream.batches_per_epoch()
+    engine = EngineConfig(zero_stage=args.zero, save_every_steps=args.save_every, save_every_minutes=0,
+                          keep_checkpoints=2)
+    optim = OptimConfig(name="adamw", lr=0.05, weight_decay=0.01, warmup_steps=3, schedule="cosine")
+    trainer = Trainer(Net(), engine, optim, 4, steps * args.epochs, out / "ckpt", "job", "job", reshard=args.reshard)
+    log = open(out / f"keys-{args.name}-rank{rank}.jsonl", "a")
+
+    def batches(epoch, start):
+        stream.set_position(epoch, start)
+        for i, (x, y, keys) in enumerate(make_loader(stream), start=start):
+            g = epoch * steps + i
+            if g == args.kill_at and rank == 0:
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+            if g == args.sigterm_at and rank == world - 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            log.write(json.dumps({"step": g, "keys": keys}) + "\n")
+            log.flush()
+            yield x, y
+
+    progress = trainer.fit(batches, steps, args.epochs, 4, data_layout=stream.layout())
+    state = full_state_dict(trainer.module, args.zero)  # collective under ZeRO-3
+    if rank == 0:
+        torch.save(state, out / "final.pt")
+        write_history(progress, out / "history.json")
+
+
+if __name__ == "__main__":
+    main()
