@@ -151,23 +151,29 @@ def _rejection(order: int, path: str, reason: str) -> dict:
 # ---- the worker side: one shard per task -------------------------------------------------------------
 
 _report = None  # set in each worker: sends (clips, seconds) to the progress bar
+_REPORT_EVERY = 16
 
 
 def write_shard(plan: ShardPlan, directory: Path, opts: Options) -> dict:
     """Worker: write one shard and its record; returns the record. Never raises for a bad input."""
     rejected, seconds, keys = [], 0.0, []
+    unreported = [0, 0.0]  # progress goes out every few clips: a message per clip costs the parent CPU
     with TarShard(directory / plan.name) as tar:
         for e in plan.entries:
             result = encode_entry(e, opts)
             if isinstance(result, str):
                 rejected.append(_rejection(e.order, e.item.source, result))
-                _report(1, 0.0)
-                continue
-            audio, meta, secs = result
-            tar.add(e.key, [(opts.codec, audio), ("json", meta)])
-            seconds += secs
-            keys.append(e.key)
-            _report(1, secs)
+            else:
+                audio, meta, secs = result
+                tar.add(e.key, [(opts.codec, audio), ("json", meta)])
+                seconds += secs
+                keys.append(e.key)
+                unreported[1] += secs
+            unreported[0] += 1
+            if unreported[0] >= _REPORT_EVERY:
+                _report(*unreported)
+                unreported = [0, 0.0]
+        _report(*unreported)
         if keys:
             tar.close()
             shard = ShardInfo(plan.name, len(keys), round(seconds, 6), tar.sha256, keys[0], keys[-1]).__dict__

@@ -127,3 +127,18 @@ def test_verify_checks_label_shards_and_stats_reports_durations_and_rates(tone_d
     text = "\n".join(split_stats(split).lines())
     assert "train: 12 clips" in text and "source sample rates: 8000 Hz 4, 16000 Hz 4, 22050 Hz 4" in text
     assert "0.5-1    s" in text and "1-2    s" in text  # durations between 0.6 and 1.4 s
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_the_reader_handles_long_names_in_every_tar_format(tmp_path, fmt):
+    """Keys past ustar's 100 characters: PAX and GNU headers (and ustar's prefix field) must give the key."""
+    key = "speaker_" + "x" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 60 + "/" + "k" * 60
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as t:
+        for name, data in [(f"{key}.json", b'{"a": 1}'), (f"{key}.cls", b"3"), ("other.cls", b"4")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    samples = list(iter_shard(path))
+    assert [(s.key, sorted(s.members)) for s in samples] == [(key, ["cls", "json"]), ("other", ["cls"])]
+    assert samples[0].cls() == 3 and samples[0].meta() == {"a": 1}

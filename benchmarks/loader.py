@@ -1,0 +1,274 @@
+"""Training-loader throughput: the project's shard stream against per-file loading and the CPU limit.
+
+The same clips (default: 2000 synthesized 1 s clips, 16 kHz mono, tones + noise, fixed seed) go through the
+same per-clip work in every setup, for each shard codec (FLAC and WAV):
+
+  work per clip: decode (the shard reader's RawSample.audio) + random crop of 0.95 s (both from the
+  training's own `train_transform`, called as is) + log-mel (the project's LogMel, 64 mels, hop 10 ms).
+  NOTE: training computes the log-mel on the whole batch in the training process (Features, in the
+  model's forward), not in the DataLoader workers. Here it is computed per clip inside the worker, so
+  that the loader does all of the CPU work being compared; `--logmel none` measures decode + crop only
+  (what the training's workers actually do).
+
+  (1) shards: `unfused-shards build CLIPS OUT --codec C --shard-samples 200`, read with the project's
+      ShardStream (shuffle, buffer 1000, exact per-lane batches) + make_loader: W DataLoader workers.
+  (2) per-file: a map-style torch Dataset over the clips as individual files of the same codec (bytes
+      identical to the shard members), DataLoader(W workers, shuffle=True, same batch size). After the
+      warm-up epoch every file is in the page cache: this baseline reads no disk, as a dataset that fits
+      in RAM would; on a network file system or a cold disk per-file reads cost far more.
+  (3) CPU limit: one process, one thread, decoding + transforming the shard members already in memory
+      (no tar parsing, no DataLoader, no IPC), clips/s x W: what W workers could do if loading were free.
+
+Clips/s are over --epochs epochs (default 2) after one untimed warm-up epoch, the setups taking turns epoch
+by epoch (a drifting machine speed then skews no ratio); each timed epoch includes building its DataLoader
+and starting its workers (the project's make_loader starts workers per epoch).
+Targets, per codec: shards / CPU limit >= 0.9, shards / per-file >= 1.0. Exit code 0 whatever the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from _common import (SINGLE_THREAD_ENV, CpuWitness, Workspace, build_supports_codec, run, table, tone_noise, venv_bin,
+                     verdict)
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # stages.common imports the engine; keep DeepSpeed on the CPU
+
+from unfused_dist.audio.frontend import FrontendConfig, LogMel, random_crop  # noqa: E402
+from unfused_dist.audio.io import encode_audio  # noqa: E402
+from unfused_dist.data.loader import ShardSource, ShardStream, make_loader  # noqa: E402
+from unfused_dist.data.shards import RawSample  # noqa: E402
+
+SR = 16000
+TARGET_VS_LIMIT, TARGET_VS_FILES = 0.9, 1.0
+SHARD_SAMPLES, SHUFFLE_BUFFER, SEED = 200, 1000, 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clips", type=int, default=2000, help="clips to synthesize (default 2000)")
+    p.add_argument("--seconds", type=float, default=1.0, help="clip length in seconds (default 1.0)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch (default 2)")
+    p.add_argument("--logmel", choices=("worker", "none"), default="worker",
+                   help="worker: log-mel per clip in the worker (default); none: decode + crop only")
+    p.add_argument("--work", help="scratch folder (default: a new temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep clips and shards")
+    args = p.parse_args(argv)
+    if min(args.clips, args.workers, args.batch_size, args.epochs) <= 0 or args.seconds <= 0:
+        p.error("--clips, --seconds, --workers, --batch-size and --epochs must be positive")
+    return args
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+def synthesize_clips(root: Path, clips: int, seconds: float, codecs: list[str]) -> dict[str, list[Path]]:
+    """Each clip written once per codec with the project's encoder, so per-file bytes equal what the
+    builder puts in the shards. Clip i has its own seeded generator."""
+    paths: dict[str, list[Path]] = {c: [] for c in codecs}
+    for i in range(clips):
+        x = tone_noise(np.random.default_rng([SEED, i]), seconds, SR)[:, 0]
+        for codec in codecs:
+            path = root / codec / f"clip{i:05d}.{codec}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encode_audio(x, SR, codec))
+            paths[codec].append(path)
+    return paths
+
+
+def build_shards(clips_dir: Path, out: Path, codec: str, workers: int, codec_flag: bool) -> Path:
+    cmd = [venv_bin("unfused-shards"), "build", str(clips_dir), str(out), "--workers", str(workers),
+           "--shard-samples", str(SHARD_SAMPLES), "--quiet"] + (["--codec", codec] if codec_flag else [])
+    run(cmd, env=SINGLE_THREAD_ENV)
+    return out / "train"
+
+
+def shard_samples(split_dir: Path) -> list[RawSample]:
+    """Every sample of a split with its member bytes in memory, in manifest order."""
+    source = ShardSource(split_dir)
+    return [s for i in range(len(source.counts)) for s in source.iter_shard(i)]
+
+
+# ---- the per-clip work ----------------------------------------------------------------------------
+
+def crop_transform(cfg: FrontendConfig) -> tuple[object, str]:
+    """The training's own transform when its module imports; otherwise (stages.common pulls in the whole
+    engine, which may be mid-change) the same two calls it makes, and the output says which ran."""
+    try:
+        from unfused_dist.stages.common import train_transform
+    except ImportError as e:
+        def crop(sample: RawSample, rng: np.random.Generator):
+            return (random_crop(sample.audio(cfg.sample_rate), cfg.crop_samples, rng),)
+        return crop, f"a copy of train_transform (sample.audio + random_crop): stages.common does not import ({e})"
+    return train_transform(cfg, with_label=None), "unfused_dist.stages.common.train_transform"
+
+
+def make_transform(logmel: bool):
+    """The training's transform (decode + random 0.95 s crop), plus a per-clip log-mel when asked."""
+    cfg = FrontendConfig()
+    crop, origin = crop_transform(cfg)
+    mel = LogMel(cfg) if logmel else None
+
+    def transform(sample: RawSample, rng: np.random.Generator):
+        (wave,) = crop(sample, rng)
+        if mel is None:
+            return (wave,)
+        return (mel(torch.from_numpy(wave)[None])[0].numpy(),)  # (1, mels, frames)
+    return transform, origin
+
+
+def collate(items: list[tuple]) -> tuple:
+    """Stack each column of numpy arrays into a tensor (what the project's loader does for arrays)."""
+    return tuple(torch.from_numpy(np.stack(col)) for col in zip(*items))
+
+
+class FileClips(Dataset):
+    """Map-style per-file dataset: read one file, wrap it as the shard reader's RawSample, transform.
+    Each clip's crop generator is seeded by (epoch, index), as the shard stream seeds by position."""
+
+    def __init__(self, paths: list[Path], codec: str, transform):
+        self.paths, self.codec, self.transform, self.epoch = paths, codec, transform, 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        path = self.paths[i]
+        sample = RawSample(key=path.stem, shard=str(path), members={self.codec: path.read_bytes()})
+        return self.transform(sample, np.random.default_rng([SEED, self.epoch, i]))
+
+
+# ---- the setups: each is one_epoch(epoch) -> clips delivered ----------------------------------------
+
+def interleaved_rates(setups: dict, epochs: int) -> dict[str, float]:
+    """clips/s of each setup over `epochs` timed epochs after one untimed warm-up epoch. The setups take
+    turns epoch by epoch, so a drift in the machine's speed (shared hosts drift by tens of percent over
+    minutes) hits them all alike instead of skewing the ratios."""
+    for one_epoch in setups.values():
+        one_epoch(0)
+    clips, seconds = dict.fromkeys(setups, 0), dict.fromkeys(setups, 0.0)
+    for epoch in range(1, epochs + 1):
+        for name, one_epoch in setups.items():
+            t0 = time.perf_counter()
+            clips[name] += one_epoch(epoch)
+            seconds[name] += time.perf_counter() - t0
+    return {name: clips[name] / seconds[name] for name in setups}
+
+
+def drain(loader) -> int:
+    return sum(len(batch[0]) for batch in loader)
+
+
+def shards_epochs(split_dir: Path, transform, args):
+    """The project's training path: ShardStream + make_loader (new workers every epoch, as training does)."""
+    stream = ShardStream(ShardSource(split_dir), transform, seed=SEED, shuffle=True, rank=0, world=1,
+                         workers=args.workers, batch_size=args.batch_size, shuffle_buffer=SHUFFLE_BUFFER)
+
+    def one_epoch(epoch: int) -> int:
+        stream.set_position(epoch, 0)
+        return drain(make_loader(stream))
+    return one_epoch
+
+
+def per_file_epochs(paths: list[Path], codec: str, transform, args):
+    dataset = FileClips(paths, codec, transform)
+
+    def one_epoch(epoch: int) -> int:
+        dataset.epoch = epoch  # set before the workers fork: each gets this epoch's copy
+        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                            drop_last=True, collate_fn=collate, generator=torch.Generator().manual_seed(epoch))
+        return drain(loader)
+    return one_epoch
+
+
+def cpu_limit_epochs(samples: list[RawSample], transform, workers: int):
+    """One thread, as in a DataLoader worker (torch runs workers single-threaded), and one generator for
+    the whole pass: the least work the clips need. Counts each clip `workers` times: W such threads."""
+    rng = np.random.default_rng(SEED)
+
+    def one_epoch(epoch: int) -> int:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for s in samples:
+                transform(s, rng)
+        finally:
+            torch.set_num_threads(threads)
+        return workers * len(samples)
+    return one_epoch
+
+
+def noop(sample: RawSample, rng: np.random.Generator):
+    return (np.zeros(1, np.float32),)
+
+
+# ---- main ---------------------------------------------------------------------------------------------
+
+def measure_codec(codec: str, paths: list[Path], ws: Workspace, args, transform, codec_flag: bool) -> dict:
+    split = build_shards(paths[0].parent, ws.path(f"shards-{codec}"), codec, args.workers, codec_flag)
+    samples = shard_samples(split)
+    r = {"codec": codec, "audio_bytes": np.mean([len(s.members[codec]) for s in samples]),
+         "shard_bytes": sum(p.stat().st_size for p in split.glob("audio-*.tar")) / len(samples)}
+    r.update(interleaved_rates({
+        "limit": cpu_limit_epochs(samples, transform, args.workers),
+        "shards_rate": shards_epochs(split, transform, args),
+        "files": per_file_epochs(paths, codec, transform, args),
+        # the loaders' own cost: the same epochs with nothing decoded or transformed
+        "shards_noop": shards_epochs(split, noop, args),
+        "files_noop": per_file_epochs(paths, codec, noop, args),
+    }, args.epochs))
+    return r
+
+
+def report(results: list[dict]) -> str:
+    rows = [[r["codec"], f"{r['audio_bytes']:,.0f}", f"{r['shard_bytes']:,.0f}", f"{r['shards_rate']:,.0f}",
+             f"{r['files']:,.0f}", f"{r['limit']:,.0f}",
+             f"{r['shards_rate'] / r['limit']:.2f} {verdict(r['shards_rate'] / r['limit'], TARGET_VS_LIMIT)}",
+             f"{r['shards_rate'] / r['files']:.2f} {verdict(r['shards_rate'] / r['files'], TARGET_VS_FILES)}"]
+            for r in results]
+    return table(["codec", "audio B/clip", "shard B/clip", "shards clips/s", "per-file clips/s",
+                  "CPU limit clips/s", f"shards/limit (>={TARGET_VS_LIMIT})", f"shards/per-file (>={TARGET_VS_FILES})"],
+                 rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    codec_flag = build_supports_codec()
+    codecs = ["flac", "wav"] if codec_flag else ["flac"]
+    with Workspace(args.work, args.keep, "bench-loader-") as ws:
+        t0 = time.perf_counter()
+        paths = synthesize_clips(ws.path("clips"), args.clips, args.seconds, codecs)
+        print(f"{args.clips} clips of {args.seconds:g} s at {SR} Hz (seed {SEED}) in {time.perf_counter() - t0:.1f} s; "
+              f"workers {args.workers}, batch {args.batch_size}, {args.epochs} timed epochs after 1 warm-up, "
+              f"shard samples {SHARD_SAMPLES}, shuffle buffer {SHUFFLE_BUFFER}, CPU cores {os.cpu_count()}")
+        work = ("decode + random 0.95 s crop (train_transform) + log-mel per clip in the worker"
+                if args.logmel == "worker" else "decode + random 0.95 s crop (train_transform), no log-mel")
+        print(f"per-clip work: {work}")
+        if not codec_flag:
+            print("unfused-shards build has no --codec here: FLAC shards only")
+        transform, origin = make_transform(args.logmel == "worker")
+        print(f"decode + crop: {origin}")
+        with CpuWitness() as witness:
+            results = [measure_codec(c, paths[c], ws, args, transform, codec_flag) for c in codecs]
+        print()
+        print(report(results))
+        print("\nper-file clips come from the page cache after the warm-up epoch (no disk reads); the CPU limit "
+              f"is one thread's clips/s on in-memory shard members x {args.workers}")
+        for r in results:
+            print(f"{r['codec']}, no-op transform (the loaders' own cost: worker start-up per epoch, reading, "
+                  f"shuffling, seeding, batching, IPC): shards {r['shards_noop']:,.0f} clips/s, "
+                  f"per-file {r['files_noop']:,.0f} clips/s")
+        print(witness.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
