@@ -18,7 +18,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "unfused=unfused_dist.cli:main",
+            "unfused=launchers.cli:main",
             "unfused-shards=shards_tools.cli:main",
         ]
     },

@@ -10,6 +10,25 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end tests of a whole pipeline (run in CI too)")
 
 
+@pytest.fixture(scope="session")
+def ci_local_run(tmp_path_factory):
+    """The whole `ci` pipeline on this machine (2 processes), once per session: its run dir, its output,
+    and its results table as it was when it finished (later tests re-run stages in that dir)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(["bash", "scripts/make_data.sh", "ci"], cwd=root, check=True)
+    run_dir = tmp_path_factory.mktemp("run") / "ci"
+    proc = subprocess.run([sys.executable, "-m", "unfused_dist.cli", "run", "pipeline", "-c", "configs/ci.yaml",
+                           f"run.dir={run_dir}", "run.nproc=2"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"run_dir": run_dir, "stdout": proc.stdout,
+            "results": json.loads((run_dir / "results.json").read_text())}
+
+
 @pytest.fixture
 def free_port():
     import socket

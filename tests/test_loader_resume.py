@@ -118,6 +118,12 @@ def test_a_bad_sample_is_skipped_logged_and_replaced_so_batches_stay_equal(tmp_p
     assert len(set(delivered)) == 39  # the bad clip's place went to a good one from the same worker
     assert f"{shard}: sample '{bad}' cannot be decoded" in caplog.text and "1 this epoch" in caplog.text
     assert [len(k) for k in _keys_per_rank(split, world=2, batch_size=5, workers=2)] == [20, 20]
+    counted = []  # the metrics' view: the main process learns what its 2 workers skipped
+    for r in range(2):
+        stream = _stream(split, rank=r, world=2, batch_size=5, workers=2)
+        list(make_loader(stream))
+        counted.append(stream.take_bad())
+    assert sorted(counted) == [0, 1] and stream.take_bad() == 0
 
     with pytest.raises(ShardError, match=rf"{shard}: sample '{bad}' cannot be decoded"):
         _keys_per_rank(split, world=2, batch_size=5, bad_samples="fail")

@@ -17,12 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ci_run(tmp_path_factory):
-    subprocess.run(["bash", "scripts/make_data.sh", "ci"], cwd=ROOT, check=True)
-    run_dir = tmp_path_factory.mktemp("run") / "ci"
-    proc = _pipeline(run_dir)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    return run_dir, proc.stdout
+def ci_run(ci_local_run):
+    return ci_local_run["run_dir"], ci_local_run["stdout"]
 
 
 def _pipeline(run_dir: Path) -> subprocess.CompletedProcess:
@@ -85,10 +81,10 @@ def test_rerun_skips_finished_stages_and_redoes_a_half_finished_one(ci_run):
     proc = _pipeline(run_dir)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "pretrain: done already" in proc.stdout and "distill: done already" in proc.stdout
-    assert "[pipeline] pseudolabel: -m unfused_dist.cli run pseudolabel" in proc.stdout
+    assert "unfused_dist.cli run pseudolabel" in proc.stdout and "[pipeline] pseudolabel: " in proc.stdout
     assert (run_dir / "pseudolabel" / "done.json").is_file()
     assert not (run_dir / "pseudolabel" / "partial.tmp").exists()
-    status = subprocess.run([sys.executable, "-m", "unfused_dist.cli", "status", str(run_dir)], cwd=ROOT,
+    status = subprocess.run([sys.executable, "-m", "launchers.cli", "status", str(run_dir)], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout
     assert "pseudolabel" in status and "pending" not in status and "started" not in status
 

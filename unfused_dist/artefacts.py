@@ -31,13 +31,16 @@ def mark_done(directory: Path, info: dict[str, Any]) -> None:
     atomic_write_text(Path(directory) / DONE, json.dumps({"finished": time.time(), **info}, indent=1))
 
 
+RESUMABLE = ("ckpt", "embeddings")  # sub-dirs whose contents check themselves (checkpoints, embedding dumps)
+
+
 def reset(directory: Path, keep_checkpoints: bool = True) -> None:
-    """A stage dir without done.json is from a run killed half-way: its artefacts are not trusted.
-    Checkpoints (ckpt/) are kept, if asked, so that training resumes."""
+    """A stage dir without done.json is from a run killed half-way: its artefacts are not trusted, except
+    the RESUMABLE sub-dirs (kept if asked), which validate themselves piece by piece so that work resumes."""
     directory = Path(directory)
     if directory.exists() and not is_done(directory):
         for child in directory.iterdir():
-            if child.name == "ckpt" and keep_checkpoints:
+            if child.name in RESUMABLE and keep_checkpoints:
                 continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     directory.mkdir(parents=True, exist_ok=True)

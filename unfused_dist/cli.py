@@ -1,4 +1,6 @@
-"""`unfused run STAGE|pipeline -c CONFIG [key=value ...]`, `unfused status RUN` (launch/cancel: SLURM, later)."""
+"""`unfused run STAGE|pipeline -c CONFIG [key=value ...] [--reshard]`: the library's own command, which jobs and
+the local pipeline call (`python -m unfused_dist.cli run ...`). The `unfused` console script (launchers/cli.py)
+adds launch, status and cancel."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-from .artefacts import is_done
 from .config import RUNTIME_KEYS, Config, ConfigError, load_config, save_config
 from .errors import UnfusedError
 
@@ -50,16 +51,6 @@ def cmd_run(args) -> None:
         run_stage(cfg, args.stage, reshard=args.reshard)
 
 
-def cmd_status(args) -> None:
-    from .pipeline import stage_dir, stage_names
-
-    cfg = load_config(Path(args.run) / "config.yaml")
-    for name in stage_names(cfg):
-        d = stage_dir(cfg, name)
-        state = "-" if d is None else ("done" if is_done(d) else ("started" if d.exists() else "pending"))
-        print(f"{name:28s} {state}")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="unfused", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,10 +61,6 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--reshard", action="store_true",
                      help="resume a checkpoint written by a different number of processes from its fp32 weights, "
                           "at the start of its epoch (optimizer moments restart)")
-    status = sub.add_parser("status", help="stages of a run directory and whether they finished")
-    status.add_argument("run")
-    for name in ("launch", "cancel"):
-        sub.add_parser(name, help="SLURM launcher (not available yet)")
     # Overrides may stand before or after -c: argparse leaves the later ones unparsed, so collect them.
     args, extra = parser.parse_known_args(argv)
     bad = [a for a in extra if "=" not in a or a.startswith("-")]
@@ -82,13 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "run":
         args.overrides = list(args.overrides) + extra
     try:
-        if args.command == "run":
-            cmd_run(args)
-        elif args.command == "status":
-            cmd_status(args)
-        else:
-            raise UnfusedError(f"'unfused {args.command}' (SLURM launcher) is not available yet; "
-                               "use `unfused run` on this machine")
+        cmd_run(args)
     except UnfusedError as e:
         print(f"unfused: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -100,10 +100,16 @@ class PretrainConfig:
 class PseudoLabelConfig:
     k: int = 32
     pca_dim: int = 128
-    iterations: int = 20
     layer: str = "final"  # final (clip embedding) | block1 (x1, as in the authors' code)
-    max_points_per_centroid: int = 100000  # set explicitly: FAISS's default 256 silently subsamples
-    batch_size: int = 128
+    batch_size: int = 128  # clips per embedding batch
+    backend: str = "cpu"  # cpu (faiss) | gpu (faiss-gpu, or torch on the GPU) | distributed (every rank its points)
+    gpus: int = 0  # gpu backend: GPUs of this node to use, 0 = all
+    init: str = "kmeans++"  # kmeans++ | sampled
+    init_points: int = 30000  # points the initialisation sees (k-means++ costs init_points x k)
+    pca_points: int = 100000  # points PCA-whitening is fitted on
+    fit_points: int = 200000  # points Lloyd iterates over (0: all); every point is assigned afterwards
+    iterations: int = 20
+    max_points_per_centroid: int = 100000  # a cap on fit points (k x this), logged; never a silent subsample
 
 
 @dataclass
@@ -133,6 +139,15 @@ class FinetuneConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Prometheus exporter of each rank (metrics/exporter.py)."""
+    enabled: bool = True
+    addr: str = "127.0.0.1"  # bind address; 0.0.0.0 (or the node's address) to be scraped from other hosts
+    port: int = 0  # rank r serves on port + local rank; 0: a free port chosen by the OS
+    targets_dir: str = ""  # Prometheus file_sd target files, one per rank; empty: RUN/metrics/targets
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -142,6 +157,7 @@ class Config:
     pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -156,11 +172,13 @@ class Config:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-RUNTIME_KEYS = ("run.nproc", "engine.save_every_steps", "engine.save_every_minutes", "engine.keep_checkpoints")
+RUNTIME_KEYS = ("run.nproc", "engine.save_every_steps", "engine.save_every_minutes", "engine.keep_checkpoints",
+                "metrics.enabled", "metrics.addr", "metrics.port", "metrics.targets_dir")
 
 
 # Keys that take one of a few words.
-CHOICES = {"data.bad_samples": ("skip", "fail"), "engine.precision": ("fp32", "bf16", "fp16"),
+CHOICES = {"data.bad_samples": ("skip", "fail"), "pseudolabel.backend": ("cpu", "gpu", "distributed"),
+           "pseudolabel.init": ("kmeans++", "sampled"), "pseudolabel.layer": ("final", "block1"), "engine.precision": ("fp32", "bf16", "fp16"),
            "engine.offload": ("none", "cpu"), "engine.zero_stage": (0, 1, 2, 3)}
 
 
@@ -231,6 +249,10 @@ def _coerce(value: Any, ftype, key: str, where: str):
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(ftype) if a is not type(None)]
         return None if value is None else _coerce(value, args[0], key, where)
+    if origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{where}: '{key}' expects a mapping, got {value!r}")
     if origin is list:
         (item,) = typing.get_args(ftype)
         if not isinstance(value, list):

@@ -46,8 +46,9 @@ def run_stage(cfg: Config, name: str, reshard: bool = False) -> None:
 
 def stage_command(cfg: Config, name: str, config_path: Path, reshard: bool = False) -> list[str]:
     cli = ["-m", "unfused_dist.cli", "run", name, "-c", str(config_path), *(["--reshard"] if reshard else [])]
-    trains = name in TRAINING or (name.startswith("finetune-") and not name.endswith("_probe"))
-    if cfg.run.nproc > 1 and trains:
+    # one process per rank for training and for the pseudo-labels (each rank embeds and labels its shards)
+    ranked = name in TRAINING or name == "pseudolabel" or (name.startswith("finetune-") and not name.endswith("_probe"))
+    if cfg.run.nproc > 1 and ranked:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.run.nproc}",
                 *cli]
     return [sys.executable, *cli]

@@ -7,28 +7,35 @@ from pathlib import Path
 import numpy as np
 
 from ..data.loader import label_shard_name
-from ..data.manifest import DatasetManifest
+from ..data.manifest import DatasetManifest, ShardInfo
 from ..data.shardwriter import TarShard
+
+
+def write_label_shard(audio: ShardInfo, out_dir: Path, keys: list[str], labels: np.ndarray,
+                      distances: np.ndarray) -> Path:
+    """The label shard of one audio shard; `keys` must be that shard's keys in order (checked against the
+    manifest's count and first/last key). Written under a temporary name, then renamed."""
+    if len(keys) != audio.num_samples or (keys and (keys[0], keys[-1]) != (audio.first_key, audio.last_key)):
+        raise ValueError(f"{audio.name}: {len(keys)} embedded keys ({keys[:1]}..{keys[-1:]}) do not match the "
+                         f"manifest's {audio.num_samples} ({audio.first_key}..{audio.last_key}); re-run "
+                         "`unfused-shards verify` on the dataset")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / label_shard_name(audio.name)
+    with TarShard(path) as tar:
+        for key, label, dist in zip(keys, labels, distances):
+            tar.add(key, [("cls", str(int(label)).encode()), ("json", json.dumps({"distance": float(dist)}).encode())])
+    return path
 
 
 def write_label_shards(split_dir: Path, out_dir: Path, keys: list[str], labels: np.ndarray,
                        distances: np.ndarray) -> list[Path]:
-    """`keys` are in shard order (as embedded); each label shard is written to a temp name then renamed."""
+    """All label shards of a split from arrays in shard order (each shard's part goes to write_label_shard)."""
     manifest = DatasetManifest.load(split_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if len(keys) != manifest.num_samples:
+        raise ValueError(f"{split_dir}: {len(keys)} embedded clips but the manifest lists {manifest.num_samples}")
     written, pos = [], 0
     for shard in manifest.shards:
         end = pos + shard.num_samples
-        if end > len(keys) or (shard.num_samples and (keys[pos], keys[end - 1]) != (shard.first_key, shard.last_key)):
-            raise ValueError(f"{split_dir / shard.name}: embedded keys do not match the manifest's first/last "
-                             "key; re-run `unfused-shards verify` on the dataset")
-        path = out_dir / label_shard_name(shard.name)
-        with TarShard(path) as tar:
-            for j in range(pos, end):
-                tar.add(keys[j], [("cls", str(int(labels[j])).encode()),
-                                  ("json", json.dumps({"distance": float(distances[j])}).encode())])
+        written.append(write_label_shard(shard, out_dir, keys[pos:end], labels[pos:end], distances[pos:end]))
         pos = end
-        written.append(path)
-    if pos != len(keys):
-        raise ValueError(f"{split_dir}: {len(keys)} embedded clips but the manifest lists {pos}")
     return written

@@ -19,6 +19,11 @@ class Whitening:
     def save(self, path) -> None:
         np.savez(path, mean=self.mean, components=self.components, scale=self.scale)
 
+    @classmethod
+    def load(cls, path) -> "Whitening":
+        with np.load(path) as z:  # plain arrays: no pickle allowed
+            return cls(mean=z["mean"], components=z["components"], scale=z["scale"])
+
 
 def fit_whitening(x: np.ndarray, dim: int, eps: float = 1e-6) -> Whitening:
     x = x.astype(np.float64)

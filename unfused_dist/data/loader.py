@@ -3,6 +3,7 @@ same number of batches on every rank (so collectives never hang on uneven shards
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -64,6 +65,21 @@ class ShardSource:
                 yield s
 
 
+@dataclass
+class ShardSubset:
+    """Some shards of a source, by index, usable wherever a ShardSource is (e.g. one rank's share, or the
+    shards an interrupted job has still to do)."""
+    parent: ShardSource
+    indices: list[int]
+
+    def __post_init__(self):
+        self.split_dir, self.manifest = self.parent.split_dir, self.parent.manifest
+        self.counts = [self.parent.counts[i] for i in self.indices]
+
+    def iter_shard(self, index: int) -> Iterator[RawSample]:
+        return self.parent.iter_shard(self.indices[index])
+
+
 def label_shard_name(audio_shard_name: str) -> str:
     return audio_shard_name.replace("audio-", "labels-", 1)
 
@@ -99,6 +115,10 @@ class ShardStream(IterableDataset):
         self.lanes = max(workers, 1)
         self.epoch = self.batches_done = 0
         self.bad_count = 0  # bad samples met by this copy of the stream (each worker has its own)
+        # ...and by all of this rank's workers together: created here, in the main process, so the workers
+        # (separate processes) inherit it; the training loop reads it for the metrics (take_bad)
+        self.bad_total = mp.Value("q", 0)
+        self._bad_reported = 0
 
     def set_position(self, epoch: int, batches_done: int = 0) -> None:
         self.epoch, self.batches_done = epoch, batches_done
@@ -214,8 +234,16 @@ class ShardStream(IterableDataset):
         if self.bad_samples == "fail":
             raise error
         self.bad_count += 1
+        with self.bad_total.get_lock():
+            self.bad_total.value += 1
         log.warning("skipping a bad sample (%d this epoch in rank %d worker %d): %s; set data.bad_samples=fail "
                     "to stop instead", self.bad_count, self.rank, lane, error)
+
+    def take_bad(self) -> int:
+        """Bad samples met since the last call by every worker of this rank (call in the main process)."""
+        total = self.bad_total.value
+        new, self._bad_reported = total - self._bad_reported, total
+        return new
 
     def _evaluation(self, lane: int):
         plan = assign_shards(len(self.source.counts), self.seed, self.epoch, self.world, self.lanes, self.shuffle)

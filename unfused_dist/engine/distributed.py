@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -14,7 +15,8 @@ def init_distributed() -> tuple[int, int]:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if "MASTER_PORT" not in os.environ:  # a process group of one (array tasks share nodes): any free port
+        os.environ["MASTER_PORT"] = str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
     if not dist.is_initialized():
         import deepspeed
         if not torch.cuda.is_available():
@@ -23,6 +25,13 @@ def init_distributed() -> tuple[int, int]:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    verbose=False)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rank_world() -> tuple[int, int]:
@@ -55,6 +64,17 @@ def all_gather_object(obj) -> list:
     out = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_reduce_sum(a: np.ndarray) -> np.ndarray:
+    """Element-wise sum over ranks of a float array (float64 on the wire: k-means sums must not drift)."""
+    if rank_world()[1] == 1:
+        return a
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+    if dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().numpy()
 
 
 def average_buffers(module: torch.nn.Module) -> None:

@@ -12,9 +12,9 @@ class Preempted(SystemExit):
     """Raised on every rank after the checkpoint is written: the process exits with code 0, the stage is
     not marked done, and the same command resumes it."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, signal: str | None = None):
         super().__init__(0)
-        self.step = step
+        self.step, self.signal = step, signal  # signal: the one this rank received (None: another rank's)
 
 
 class PreemptionSignals:

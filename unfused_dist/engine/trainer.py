@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ..artefacts import atomic_write_text
 from ..config import EngineConfig, OptimConfig
 from ..errors import UnfusedError
+from ..metrics.exporter import NULL, Metrics
 from .checkpoint import Checkpoints
 from .distributed import all_gather_object, average_buffers, init_distributed, is_main
 from .dsconfig import deepspeed_config
@@ -59,7 +60,8 @@ class Trainer:
     consolidated fp32 weights at the beginning of its epoch (optimizer moments restart) instead of refusing."""
 
     def __init__(self, module: nn.Module, engine_cfg: EngineConfig, optim_cfg: OptimConfig, micro_batch: int,
-                 total_steps: int, ckpt_dir: Path, config_hash: str, desc: str, reshard: bool | None = None):
+                 total_steps: int, ckpt_dir: Path, config_hash: str, desc: str, reshard: bool | None = None,
+                 metrics: Metrics = NULL):
         import deepspeed
 
         self.rank, self.world = init_distributed()
@@ -84,6 +86,7 @@ class Trainer:
             model=module, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(engine_cfg, micro_batch, self.world))
         self.signals = PreemptionSignals()
+        self.metrics = metrics  # owned by the stage (metrics.exporter.stage_metrics); NULL: none
 
     @property
     def module(self) -> nn.Module:
@@ -91,17 +94,19 @@ class Trainer:
 
     def fit(self, batches: Callable[[int, int], Iterable], steps_per_epoch: int, epochs: int,
             clips_per_step: int, on_epoch_end: Callable[[int], dict] | None = None,
-            max_steps: int = 0, data_layout: dict | None = None) -> Progress:
+            max_steps: int = 0, data_layout: dict | None = None, seconds_per_clip: float = 0.0) -> Progress:
         """Train `epochs` x `steps_per_epoch` micro-steps (at most `max_steps` if set), resuming from the
         newest complete checkpoint if any. `batches(epoch, start)` yields the epoch's batches from batch
         `start` on; `data_layout` (world size, workers, batch size...) must be unchanged for a resume to be
-        exact. `on_epoch_end(epoch)` may return values to log with the epoch's last step.
+        exact. `on_epoch_end(epoch)` may return values to log with the epoch's last step. `seconds_per_clip`:
+        the audio in each training clip (its crop), for the audio-seconds throughput metric.
         Raises Preempted (exit code 0) after saving, when SIGTERM or SIGUSR2 arrived."""
-        self.data_layout = data_layout
+        self.data_layout, self.seconds_per_clip = data_layout, seconds_per_clip
         if self._resume_from:
             self._load(*self._resume_from)
         p = self.progress
         total = min(steps_per_epoch * epochs, max_steps or steps_per_epoch * epochs)
+        self.total_steps = total
         bar = tqdm(total=total, initial=p.global_step, desc=self.desc, unit="step", disable=not is_main(),
                    dynamic_ncols=True)
         self._last_save = time.monotonic()
@@ -144,6 +149,9 @@ class Trainer:
                           "lr": self.scheduler.get_last_lr()[0], "step_s": step_s, "data_s": data_s,
                           "clips_s": clips_per_step * self.world / max(step_s + data_s, 1e-9),
                           **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}})
+        h = p.history[-1]  # per rank: Prometheus sums over ranks
+        self.metrics.step(samples=clips_per_step, audio_seconds=clips_per_step * self.seconds_per_clip,
+                          step_s=step_s, data_s=data_s, loss=h["loss"], lr=h["lr"])
 
     # --- checkpoints -------------------------------------------------------------------------------
     def _maybe_save(self, final: bool) -> None:
@@ -163,13 +171,14 @@ class Trainer:
             if is_main():
                 print(f"[{self.desc}] stopping on {self.signals.received or 'a signal to another rank'} after "
                       f"saving step {p.global_step}; run the same command again to resume", flush=True)
-            raise Preempted(p.global_step)
+            raise Preempted(p.global_step, self.signals.received)
 
     def save(self) -> None:
         """Collective. Rank 0's client_state holds what all ranks share; each rank's own RNG and module
         state go to its own file (loaded with weights_only=True)."""
         p = self.progress
-        loader = {**(self.data_layout or {}), "rank": self.rank, "epoch": p.epoch, "batches_done": p.step_in_epoch}
+        loader = {**(self.data_layout or {}), "rank": self.rank, "epoch": p.epoch, "batches_done": p.step_in_epoch,
+                  "samples_per_worker": _samples_per_worker(self.data_layout, p.step_in_epoch)}
         client = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step,
                   "history": p.history, "world_size": self.world, "config_hash": self.config_hash,
                   "data_layout": self.data_layout, "loaders": all_gather_object(loader)}
@@ -177,9 +186,10 @@ class Trainer:
         meta = {"world_size": self.world, "global_step": p.global_step, "epoch": p.epoch,
                 "step_in_epoch": p.step_in_epoch, "optimizer_steps": p.global_step // self.cfg.grad_accum,
                 "zero_stage": self.cfg.zero_stage, "config_hash": self.config_hash,
-                "schedule_start": self.schedule_start}
+                "schedule_start": self.schedule_start, "total_steps": getattr(self, "total_steps", None)}
         self.checkpoints.save(self.engine, p.global_step, client, rank_state, meta)
         self._last_save = time.monotonic()
+        self.metrics.checkpoint()
 
     def _load(self, tag: str, meta: dict) -> None:
         where = self.checkpoints.dir / tag
@@ -223,6 +233,14 @@ class Trainer:
             print(f"[{self.desc}] resharded {self.checkpoints.dir / tag} from {meta['world_size']} to {self.world} "
                   f"processes: restarting epoch {p.epoch} at step {p.global_step}", flush=True)
         return p.global_step // self.cfg.grad_accum
+
+
+def _samples_per_worker(layout: dict | None, batches_done: int) -> list[int]:
+    """Samples each DataLoader worker of this rank has delivered this epoch (workers take batches in turn)."""
+    if not layout or not layout.get("batch_size"):
+        return []
+    lanes = max(layout.get("workers", 0), 1)
+    return [(batches_done // lanes + (lane < batches_done % lanes)) * layout["batch_size"] for lane in range(lanes)]
 
 
 def _rng_state() -> dict:

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from ..audio.frontend import FrontendConfig, LogMel, Normalizer, centre_crop, random_crop
 from ..config import Config
 from ..data.loader import ShardSource, ShardStream, make_loader
+from ..metrics.exporter import Metrics, stage_metrics
 from ..data.shards import RawSample
 from ..artefacts import mark_done
 from ..engine.distributed import init_distributed, is_main, rank_world
@@ -130,6 +131,16 @@ def training_stream(cfg: Config, source: ShardSource, transform, batch_size: int
                        bad_samples=d.bad_samples, resampled=d.resampled)
 
 
+def epoch_batches(stream: ShardStream, metrics: Metrics):
+    """`batches(epoch, start)` for Trainer.fit, counting the bad samples the workers skipped."""
+    def batches(epoch: int, start: int):
+        stream.set_position(epoch, start)
+        for batch in make_loader(stream):
+            metrics.bad_sample("undecodable", stream.take_bad())
+            yield batch
+    return batches
+
+
 def train_encoder(cfg: Config, module: nn.Module, encoder: AudioNTT, source: ShardSource, transform, stage,
                   out: Path, norm: tuple[float, float]) -> None:
     """The shared body of the encoder-training stages (pretrain, distill): stream the source, train through
@@ -138,15 +149,11 @@ def train_encoder(cfg: Config, module: nn.Module, encoder: AudioNTT, source: Sha
     steps = stream.batches_per_epoch()
     epochs = stage.epochs if not stage.max_steps else -(-stage.max_steps // steps)
     total = min(steps * epochs, stage.max_steps or steps * epochs)
-    trainer = Trainer(module, cfg.engine, stage.optim, stage.batch_size, total, out / "ckpt", cfg.hash(),
-                      desc=out.name)
-
-    def batches(epoch, start):
-        stream.set_position(epoch, start)
-        return make_loader(stream)
-
-    progress = trainer.fit(batches, steps, epochs, stage.batch_size, max_steps=total,
-                           data_layout=stream.layout())
+    with stage_metrics(cfg, out.name) as metrics:  # closed (target file removed) on Preempted too
+        trainer = Trainer(module, cfg.engine, stage.optim, stage.batch_size, total, out / "ckpt", cfg.hash(),
+                          desc=out.name, metrics=metrics)
+        progress = trainer.fit(epoch_batches(stream, metrics), steps, epochs, stage.batch_size, max_steps=total,
+                               data_layout=stream.layout(), seconds_per_clip=cfg.audio.crop_seconds)
     state = full_state_dict(encoder, cfg.engine.zero_stage)  # collective under ZeRO-3: every rank calls it
     if is_main():
         export_encoder(encoder, out, state=state, meta={"stage": out.name, "norm_mean": norm[0], "norm_std": norm[1]})

@@ -16,9 +16,10 @@ from ..data.loader import ShardSource, ShardStream, make_loader
 from ..engine.distributed import barrier, init_distributed, is_main
 from ..engine.export import load_encoder
 from ..engine.trainer import Trainer, write_history
+from ..metrics.exporter import stage_metrics
 from ..models.encoder import AudioNTT, count_parameters
 from .common import Features, embed_split, eval_transform, labelled_subset, norm_stats, split_dir, \
-    tensor_batches, train_transform, training_stream
+    epoch_batches, tensor_batches, train_transform, training_stream
 
 # row -> (stage whose encoder initialises it, or None for random init; full fine-tuning or linear probe)
 ROWS = {
@@ -95,8 +96,9 @@ def _finetune(cfg, encoder, features, train, n_classes, out):
     # Fine-tuning trains on crops of the task's length, as it is evaluated (METHOD.md: task-specific crops).
     stream = training_stream(cfg, train, train_transform(cfg.audio, "label", cfg.data.task_seconds), c.batch_size)
     steps = stream.batches_per_epoch()
+    metrics = stage_metrics(cfg, f"finetune-{out.name}")
     trainer = Trainer(model, cfg.engine, c.optim, c.batch_size, steps * c.epochs, out / "ckpt", cfg.hash(),
-                      desc=f"finetune {out.name}")
+                      desc=f"finetune {out.name}", metrics=metrics)
     best = {"val_acc": -1.0, "best_epoch": -1, "state": None}
 
     def on_epoch_end(epoch):
@@ -107,11 +109,9 @@ def _finetune(cfg, encoder, features, train, n_classes, out):
             best.update(val_acc=acc, best_epoch=epoch, state=copy.deepcopy(trainer.module.state_dict()))
         return {"val_acc": acc}
 
-    def batches(epoch, start):
-        stream.set_position(epoch, start)
-        return make_loader(stream)
-
-    progress = trainer.fit(batches, steps, c.epochs, c.batch_size, on_epoch_end, data_layout=stream.layout())
+    with metrics:
+        progress = trainer.fit(epoch_batches(stream, metrics), steps, c.epochs, c.batch_size, on_epoch_end,
+                               data_layout=stream.layout(), seconds_per_clip=cfg.data.task_seconds)
     result = {}
     if is_main():
         trainer.module.load_state_dict(best.pop("state"))

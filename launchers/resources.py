@@ -1,0 +1,83 @@
+"""Per-job SLURM resources from configs/slurm/*.yaml: a `default` section, overridden per job name."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unfused_dist.config import ConfigError, _update
+
+
+@dataclass
+class Resources:
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int = 2
+    mem_gb: float = 8
+    time_min: int = 60
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    signal_seconds: int = 120
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def executor_parameters(self, name: str) -> dict[str, Any]:
+        """submitit AutoExecutor parameters (slurm_* ones are ignored by the local executor)."""
+        params: dict[str, Any] = {
+            "name": name, "nodes": self.nodes, "tasks_per_node": self.tasks_per_node,
+            "cpus_per_task": self.cpus_per_task, "gpus_per_node": self.gpus_per_node or None,
+            "mem_gb": self.mem_gb, "timeout_min": self.time_min, "slurm_signal_delay_s": self.signal_seconds,
+        }
+        for key in ("partition", "account", "qos", "constraint"):
+            if getattr(self, key):
+                params[f"slurm_{key}"] = getattr(self, key)
+        if self.extra:
+            params["slurm_additional_parameters"] = dict(self.extra)
+        return {k: v for k, v in params.items() if v is not None}
+
+
+@dataclass
+class ClusterResources:
+    default: Resources = field(default_factory=Resources)
+    jobs: dict[str, dict] = field(default_factory=dict)  # job kind -> overrides
+    array_parts: int = 4
+
+    def for_job(self, kind: str) -> Resources:
+        res = dataclasses.replace(self.default, extra=dict(self.default.extra))
+        _update(res, self.jobs.get(kind, {}), prefix=f"{kind}.", where=f"resources for {kind}")
+        return res
+
+
+JOB_KINDS = ("pretrain", "pseudolabel-embed", "pseudolabel-fit", "pseudolabel-assign", "pseudolabel-finish",
+             "distill", "finetune", "evaluate")
+
+
+def load_resources(path: str | Path | None) -> ClusterResources:
+    if path is None:
+        return ClusterResources()
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: resources file not found (see configs/slurm/ for examples)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    out = ClusterResources()
+    for key, value in raw.items():
+        if key == "default":
+            _update(out.default, value or {}, prefix="default.", where=str(path))
+        elif key == "array_parts":
+            out.array_parts = int(value)
+        elif key in JOB_KINDS:
+            _update(Resources(), value or {}, prefix=f"{key}.", where=str(path))  # validate the keys now
+            out.jobs[key] = value or {}
+        else:
+            raise ConfigError(f"{path}: unknown section '{key}'; use default, array_parts or one of "
+                              f"{', '.join(JOB_KINDS)}")
+    if out.array_parts < 1:
+        raise ConfigError(f"{path}: array_parts must be >= 1")
+    return out

@@ -1,0 +1,98 @@
+"""`unfused status RUN` and `unfused cancel RUN`: what the scheduler says of a run's jobs, and what the run
+directory says of its stages (done, newest checkpoint, step / total, throughput)."""
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+
+from unfused_dist.artefacts import is_done
+from unfused_dist.config import load_config
+from unfused_dist.engine.checkpoint import HISTORY, Checkpoints
+from unfused_dist.pipeline import stage_dir, stage_names
+
+from .submit import PSEUDOLABEL_JOBS, latest_jobs
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+         "DEADLINE"}
+
+
+def job_states(job_ids: list[str]) -> dict[str, str]:
+    """SLURM state per job id (array tasks as <id>_<n>), from sacct when accounting is on, else squeue
+    (which knows only pending and running jobs)."""
+    if not job_ids or shutil.which("squeue") is None:
+        return {}
+    bases = sorted({j.split("_")[0] for j in job_ids})
+    states: dict[str, str] = {}
+    acct = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(bases)],
+                          capture_output=True, text=True)
+    if acct.returncode == 0:
+        for line in acct.stdout.splitlines():
+            jid, _, state = line.partition("|")
+            states[jid] = state.split()[0] if state else "UNKNOWN"
+    queue = subprocess.run(["squeue", "-h", "-o", "%i|%T", "-j", ",".join(bases)], capture_output=True, text=True)
+    for line in queue.stdout.splitlines() if queue.returncode == 0 else []:
+        jid, _, state = line.partition("|")
+        states.setdefault(jid, state)
+    return states
+
+
+def _summarise(ids: list[str], states: dict[str, str]) -> str:
+    """One word for a job or an array: the state, or counts of states for an array."""
+    found = [states.get(j) or states.get(j.split("_")[0]) or "?" for j in ids]
+    if len(set(found)) == 1:
+        return found[0]
+    counts: dict[str, int] = {}
+    for st in found:
+        counts[st] = counts.get(st, 0) + 1
+    return ",".join(f"{n} {st}" for st, n in sorted(counts.items()))
+
+
+def _training(stage_path: Path) -> tuple[str, str, str]:
+    """(step/total, newest checkpoint, throughput) from a stage's newest complete checkpoint."""
+    found = Checkpoints(stage_path / "ckpt").newest_complete() if (stage_path / "ckpt").is_dir() else None
+    if not found:
+        return "-", "-", "-"
+    tag, meta = found
+    where = stage_path / "ckpt" / tag
+    history = json.loads((where / HISTORY).read_text()) if (where / HISTORY).exists() else []
+    rate = statistics.median(h["clips_s"] for h in history[-20:]) if history else None
+    step = f"{meta['global_step']}/{meta.get('total_steps') or '?'}"
+    return step, str(where), f"{rate:.0f} clips/s" if rate else "-"
+
+
+def status_lines(run: Path) -> list[str]:
+    cfg = load_config(Path(run) / "config.yaml")
+    jobs = latest_jobs(cfg.run.path)
+    states = job_states([j for job in jobs.values() for j in job["job_ids"] if job["cluster"] == "slurm"])
+    rows = [("stage", "state", "job", "step/total", "newest checkpoint", "throughput")]
+    for stage in stage_names(cfg):
+        d = stage_dir(cfg, stage)
+        names = PSEUDOLABEL_JOBS if stage == "pseudolabel" else [stage]
+        for name in names:
+            job = jobs.get(name)
+            state = _summarise(job["job_ids"], states) if job else "-"
+            if d is not None and is_done(d):
+                state = "done" if not job else f"done ({state})"
+            elif d is not None and d.exists() and not job:
+                state = "started"
+            step, ckpt, rate = _training(d) if d is not None and name == stage else ("-", "-", "-")
+            rows.append((name, state, job["job_ids"][0].split("_")[0] if job else "-", step, ckpt, rate))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def cancel(run: Path) -> list[str]:
+    """scancel every job of the run the scheduler has not finished; returns the ids cancelled."""
+    cfg = load_config(Path(run) / "config.yaml")
+    jobs = [j for job in latest_jobs(cfg.run.path).values() if job["cluster"] == "slurm" for j in job["job_ids"]]
+    states = job_states(jobs)
+    live = sorted({j.split("_")[0] for j in jobs if (states.get(j) or states.get(j.split("_")[0])) not in FINAL})
+    if live:
+        subprocess.run(["scancel", *live], check=True)
+    return live
+
+
+

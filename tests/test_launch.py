@@ -1,0 +1,46 @@
+"""The launcher's job graph and resources (the SLURM runs themselves: test_launch_slurm.py)."""
+from __future__ import annotations
+
+import pytest
+
+from launchers.resources import load_resources
+from launchers.submit import job_graph
+from unfused_dist.artefacts import mark_done
+from unfused_dist.config import ConfigError, load_config
+
+
+def _graph(cfg, target="pipeline"):
+    return {j.name: (j.after, j.array) for j in job_graph(cfg, target, parts=3)}
+
+
+def test_the_pipeline_is_a_chain_of_jobs_with_arrays_for_embedding_and_assignment(tmp_path):
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    g = _graph(cfg)
+    assert list(g)[:6] == ["pretrain", "pseudolabel-embed", "pseudolabel-fit", "pseudolabel-assign",
+                           "pseudolabel-finish", "distill"]
+    assert g["pseudolabel-embed"] == (["pretrain"], 3) and g["pseudolabel-assign"] == (["pseudolabel-fit"], 3)
+    assert g["distill"] == (["pseudolabel-finish"], 0)
+    assert g["finetune-scratch"][0] == [] and g["finetune-teacher_probe"][0] == ["pretrain"]
+    assert g["finetune-unfused_finetune"][0] == ["distill"]
+    assert set(g["evaluate"][0]) == {f"finetune-{r}" for r in cfg.finetune.rows}
+
+    mark_done(tmp_path / "pretrain", {})  # a finished stage is not submitted, nor waited for
+    g = _graph(cfg)
+    assert "pretrain" not in g and g["pseudolabel-embed"][0] == [] and g["finetune-teacher_probe"][0] == []
+    assert list(_graph(cfg, "distill")) == ["distill"]
+    with pytest.raises(Exception, match="unknown stage 'pretrian'"):
+        _graph(cfg, "pretrian")
+
+
+def test_resources_override_the_default_per_job_and_bad_keys_name_the_file(tmp_path):
+    res = load_resources("configs/slurm/default.yaml")
+    assert res.for_job("pretrain").nodes == 2 and res.for_job("evaluate").nodes == 1
+    params = res.for_job("pretrain").executor_parameters("x")
+    assert params["tasks_per_node"] == 8 and params["slurm_signal_delay_s"] == 120
+    bad = tmp_path / "r.yaml"
+    bad.write_text("pretrain: {gpus_per_nod: 4}\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: unknown key 'pretrain.gpus_per_nod' \(did you mean"):
+        load_resources(bad)
+    bad.write_text("pretrian: {nodes: 2}\n")
+    with pytest.raises(ConfigError, match="unknown section 'pretrian'"):
+        load_resources(bad)
