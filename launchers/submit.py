@@ -112,7 +112,7 @@ def launch(cfg: Config, config_path: Path, target: str, cluster: str, resources:
               + (f", after {', '.join(spec.after)}" if spec.after else ""), flush=True)
         if cluster != "slurm":  # no scheduler to hold the dependents: wait here
             for job in jobs:
-                job.result()
+                job.results()  # every task of a multi-task job
         _record(cfg.run.path, launch_id, cluster, submitted)
     return submitted
 

@@ -44,3 +44,34 @@ def test_resources_override_the_default_per_job_and_bad_keys_name_the_file(tmp_p
     bad.write_text("pretrian: {nodes: 2}\n")
     with pytest.raises(ConfigError, match="unknown section 'pretrian'"):
         load_resources(bad)
+
+
+def test_launch_local_runs_the_pseudolabel_jobs_arrays_included(tmp_path):
+    """`--cluster local`: the same jobs as on SLURM (embed array of 2, a 2-task fit, assign array, finish),
+    one after another on this machine through submitit's local executor."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import build_noise_dataset
+    from test_pseudolabel import _stage_run
+
+    from launchers.submit import latest_jobs
+    from shards_tools.verify import verify_split
+
+    split = build_noise_dataset(tmp_path / "data", 24, shard_samples=4)
+    cfg = _stage_run(tmp_path, split)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-m", "launchers.cli", "launch", "pseudolabel", "-c", str(cfg), "--cluster",
+                        "local", "--resources", "configs/slurm/ci.yaml", "pseudolabel.backend=distributed"],
+                       cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    run = tmp_path / "run"
+    jobs = latest_jobs(run)
+    assert list(jobs) == ["pseudolabel-embed", "pseudolabel-fit", "pseudolabel-assign", "pseudolabel-finish"]
+    assert len(jobs["pseudolabel-embed"]["job_ids"]) == 2 and jobs["pseudolabel-fit"]["after"] == ["pseudolabel-embed"]
+    assert (run / "pseudolabel/done.json").is_file()
+    verify_split(split)  # label shards align with the audio shards
+    assert json.loads((split / "labels/run/meta.json").read_text())["backend"] == "distributed (faiss-cpu)"
