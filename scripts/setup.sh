@@ -9,14 +9,24 @@ if [ -f "$stamp" ] && [ "$(cat $inputs | sha256sum)" = "$(cat "$stamp")" ]; then
   exit 0
 fi
 
-apt_pkgs="espeak-ng flite sox libsox-fmt-all"
+apt_pkgs="espeak-ng flite sox libsox-fmt-all slurmctld slurmd slurm-client munge slurmdbd mariadb-server prometheus"
 missing=""
 for p in $apt_pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
   echo "[setup] apt-get install$missing"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
+  # The SLURM, MariaDB and Prometheus packages would start system-wide daemons on install (and fail
+  # without an init system); the project starts its own under a temp dir (scripts/slurm_local.sh), so
+  # tell invoke-rc.d not to start services during this install, as container images do.
+  added_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+    added_policy=1
+  fi
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  [ -z "$added_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

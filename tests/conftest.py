@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["slurm_cluster"]  # the session-scoped real SLURM (tests/slurm_cluster.py)
+
 # Every test process: no DeepSpeed shared-memory op builds, quiet logs.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

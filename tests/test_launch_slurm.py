@@ -1,0 +1,101 @@
+"""`unfused launch` against a real single-node SLURM (scripts/slurm_local.sh): the `ci` pipeline as one job
+per stage, chained by afterok, with the embedding and assignment as job arrays, ending with the results
+table of the local run; and a training job requeued mid-run that resumes from its checkpoint."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launchers.status import FINAL, job_states
+from launchers.submit import latest_jobs
+from unfused_dist.engine.checkpoint import Checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _unfused(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launchers.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _wait_for_jobs(run: Path, deadline_s: float) -> dict[str, dict]:
+    """Poll until every job of the run is in a final state; returns name -> job (with its states)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        jobs = latest_jobs(run)
+        ids = [j for job in jobs.values() for j in job["job_ids"]]
+        states = job_states(ids)
+        if ids and all((states.get(j) or states.get(j.split("_")[0])) in FINAL for j in ids):
+            return {name: {**job, "states": [states.get(j) or states.get(j.split("_")[0]) for j in job["job_ids"]]}
+                    for name, job in jobs.items()}
+        assert time.monotonic() < deadline, f"jobs still running after {deadline_s} s: {states}"
+        time.sleep(2)
+
+
+def _times(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """job id -> (start, end) as sacct prints them (ISO, sortable)."""
+    bases = sorted({j.split("_")[0] for j in job_ids})
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,Start,End", "-j", ",".join(bases)],
+                         capture_output=True, text=True, check=True).stdout
+    return {jid: (start, end) for jid, start, end in (line.split("|") for line in out.splitlines())}
+
+
+def test_the_ci_pipeline_on_slurm_runs_stage_by_stage_and_matches_the_local_run(slurm_cluster, ci_local_run,
+                                                                                 tmp_path):
+    run = tmp_path / "ci_slurm"  # its own name: label shards go to labels/<run name>/
+    r = _unfused("launch", "pipeline", "-c", "configs/ci.yaml", "--cluster", "slurm", "--resources",
+                 "configs/slurm/ci.yaml", f"run.dir={run}", "run.name=ci_slurm", env=slurm_cluster.env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pseudolabel-embed: job" in r.stdout and "(array of 2)" in r.stdout
+    jobs = _wait_for_jobs(run, 1800)
+    failed = {n: j["states"] for n, j in jobs.items() if set(j["states"]) != {"COMPLETED"}}
+    assert not failed, (failed, _logs(run))
+
+    # every stage ran as its own job, after the jobs it depends on had finished
+    assert len({j["job_ids"][0].split("_")[0] for j in jobs.values()}) == len(jobs) >= 10
+    times = _times([i for j in jobs.values() for i in j["job_ids"]])
+    for job in jobs.values():
+        for dep in job["after"]:
+            started = min(times[i][0] for i in job["job_ids"])
+            assert started >= max(times[i][1] for i in jobs[dep]["job_ids"]), (job["name"], dep)
+    # the embedding array's two tasks ran side by side (each embedded its own half of the shards)
+    embed = [times[i] for i in jobs["pseudolabel-embed"]["job_ids"]]
+    assert len(embed) == 2 and max(s for s, _ in embed) < min(e for _, e in embed)
+
+    local, slurm = ci_local_run["results"], json.loads((run / "results.json").read_text())
+    assert [r["row"] for r in slurm["rows"]] == [r["row"] for r in local["rows"]]
+    for a, b in zip(slurm["rows"], local["rows"]):
+        assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.03), (a, b)
+    status = _unfused("status", str(run), env=slurm_cluster.env)
+    assert status.returncode == 0 and "pseudolabel-embed" in status.stdout and "COMPLETED" in status.stdout
+
+
+def test_a_requeued_training_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
+    run = tmp_path / "rq"
+    r = _unfused("launch", "pretrain", "-c", "configs/ci.yaml", "--cluster", "slurm", "--resources",
+                 "configs/slurm/ci.yaml", f"run.dir={run}", "run.name=rq", "pretrain.max_steps=12",
+                 "engine.save_every_steps=2", env=slurm_cluster.env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    job_id = latest_jobs(run)["pretrain"]["job_ids"][0]
+    checkpoints = Checkpoints(run / "pretrain" / "ckpt")
+    deadline = time.monotonic() + 600
+    while not checkpoints.newest_complete():  # a checkpoint exists: the job is mid-run
+        assert time.monotonic() < deadline and job_states([job_id]).get(job_id) not in FINAL, _logs(run)
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "requeue", job_id], check=True, env=slurm_cluster.env)
+    jobs = _wait_for_jobs(run, 900)
+    assert jobs["pretrain"]["states"] == ["COMPLETED"], _logs(run)
+    log = _logs(run)
+    assert "resumed from" in log, log[-3000:]
+    assert json.loads((run / "pretrain" / "done.json").read_text())["steps"] == 12
+
+
+def _logs(run: Path) -> str:
+    return "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted(run.glob("slurm/*/*/*.out")) +
+                     sorted(run.glob("slurm/*/*/*.err")))
