@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -257,3 +259,45 @@ def test_prometheus_discovers_a_job_and_computes_its_throughput(tmp_path, free_p
         finally:
             log.close()
     assert server.returncode == 0, log_path.read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_prometheus_discovers_a_real_pretraining_run_which_sigterm_stops_after_a_checkpoint(tmp_path, free_port):
+    """The real thing: `unfused run pretrain` on the ci corpus (SSL, 2 DataLoader workers) is found by a real
+    Prometheus through its target file and shows a positive audio-seconds rate; SIGTERM then makes it save a
+    checkpoint, exit 0 and remove its target, and the same command resumes from that checkpoint."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("the `prometheus` server binary is not installed: run `make setup`")
+    subprocess.run(["bash", "scripts/make_data.sh", "ci"], cwd=ROOT, check=True, capture_output=True)
+    targets, log_path = tmp_path / "targets", tmp_path / "prometheus.log"
+    targets.mkdir()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump(prometheus_config(targets)))
+    cmd = [sys.executable, "-m", "unfused_dist.cli", "run", "pretrain", "-c", "configs/ci.yaml",
+           f"run.dir={tmp_path / 'run'}", "run.nproc=1", "data.num_workers=2", "pretrain.max_steps=40",
+           "engine.save_every_steps=0", f"metrics.targets_dir={targets}"]
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                   f"--web.listen-address=127.0.0.1:{free_port}"], stdout=log, stderr=subprocess.STDOUT)
+        job = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            query = 'rate(unfused_audio_seconds_total{stage="pretrain"}[30s]) > 0'
+            (series,) = poll(f"a non-empty `{query}`", lambda: job.poll() is None and
+                             api(free_port, "/api/v1/query", query=query)["result"], 180, log_path)
+            assert series["metric"]["job"] == "ci" and float(series["value"][1]) > 0
+            job.send_signal(signal.SIGTERM)
+            out, _ = job.communicate(timeout=120)
+            assert job.returncode == 0, out[-3000:]
+            assert "stopping on SIGTERM" in out and not list(targets.glob("*.json"))
+        finally:
+            if job.poll() is None:
+                job.kill()
+            server.terminate()
+            server.wait(timeout=30)
+    assert server.returncode == 0
+    step = json.loads(next((tmp_path / "run/pretrain/ckpt").glob("step*/unfused.json")).read_text())["global_step"]
+    assert 0 < step < 40
+    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # the same command
+    assert resumed.returncode == 0 and f"step {step})" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "run/pretrain/done.json").read_text())["steps"] == 40
