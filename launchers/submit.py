@@ -95,7 +95,9 @@ def launch(cfg: Config, config_path: Path, target: str, cluster: str, resources:
     for spec in specs:
         res = resources.for_job(job_kind(spec.name))
         if spec.name.endswith("_probe") or spec.name in ARRAYS or spec.name in ("pseudolabel-finish", "evaluate"):
-            res.nodes, res.tasks_per_node = 1, 1  # one process, as in the local pipeline
+            # one process, as in the local pipeline, with the CPUs the section gives all of its tasks
+            res.cpus_per_task *= res.nodes * res.tasks_per_node
+            res.nodes, res.tasks_per_node = 1, 1
         folder = cfg.run.path / "slurm" / spec.name
         executor = submitit.AutoExecutor(folder=folder / "%j", cluster=None if cluster == "slurm" else cluster)
         params = res.executor_parameters(f"{cfg.run.name}-{spec.name}")

@@ -70,8 +70,11 @@ def test_the_ci_pipeline_on_slurm_runs_stage_by_stage_and_matches_the_local_run(
 
     local, slurm = ci_local_run["results"], json.loads((run / "results.json").read_text())
     assert [r["row"] for r in slurm["rows"]] == [r["row"] for r in local["rows"]]
+    # The same computation with the same thread counts: equal, up to a single test clip (float sums in
+    # another order can move a probe's best epoch)
+    one_clip = 1 / 30 + 1e-6  # the ci langid test split has 30 clips
     for a, b in zip(slurm["rows"], local["rows"]):
-        assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.03), (a, b)
+        assert a["test_acc"] == pytest.approx(b["test_acc"], abs=one_clip), (a, b)
     status = _unfused("status", str(run), env=slurm_cluster.env)
     assert status.returncode == 0 and "pseudolabel-embed" in status.stdout and "COMPLETED" in status.stdout
 
