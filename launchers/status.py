@@ -28,14 +28,15 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
     states: dict[str, str] = {}
     acct = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(bases)],
                           capture_output=True, text=True)
-    if acct.returncode == 0:
-        for line in acct.stdout.splitlines():
-            jid, _, state = line.partition("|")
-            states[jid] = state.split()[0] if state else "UNKNOWN"
+    lines = acct.stdout.splitlines() if acct.returncode == 0 else []
     queue = subprocess.run(["squeue", "-h", "-o", "%i|%T", "-j", ",".join(bases)], capture_output=True, text=True)
-    for line in queue.stdout.splitlines() if queue.returncode == 0 else []:
+    lines += queue.stdout.splitlines() if queue.returncode == 0 else []
+    for line in lines:
         jid, _, state = line.partition("|")
+        state = state.split()[0] if state else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
         states.setdefault(jid, state)
+        if "_[" in jid:  # the not-yet-started tasks of an array, as one record: 12_[0-3%4]
+            states.setdefault(jid.split("_")[0], state)
     return states
 
 

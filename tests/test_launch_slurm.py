@@ -102,3 +102,17 @@ def test_a_requeued_training_job_resumes_from_its_checkpoint(slurm_cluster, tmp_
 def _logs(run: Path) -> str:
     return "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted(run.glob("slurm/*/*/*.out")) +
                      sorted(run.glob("slurm/*/*/*.err")))
+
+
+def test_cancel_stops_every_unfinished_job_of_a_run(slurm_cluster, tmp_path):
+    run = tmp_path / "cx"
+    r = _unfused("launch", "pipeline", "-c", "configs/ci.yaml", "--cluster", "slurm", "--resources",
+                 "configs/slurm/ci.yaml", f"run.dir={run}", "run.name=cx", env=slurm_cluster.env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = latest_jobs(run)["pretrain"]["job_ids"][0]
+    slurm_cluster.wait_state(first, {"RUNNING"}, timeout=120, source="squeue")
+    r = _unfused("cancel", str(run), env=slurm_cluster.env)
+    assert r.returncode == 0 and first in r.stdout, r.stderr
+    jobs = _wait_for_jobs(run, 120)
+    assert {s for job in jobs.values() for s in job["states"]} == {"CANCELLED"}, jobs
+    assert "no unfinished jobs" in _unfused("cancel", str(run), env=slurm_cluster.env).stdout
