@@ -65,8 +65,8 @@ def run(cfg: Config, row: str) -> None:
     reset(out, keep_checkpoints=False)
     init, mode = ROWS[row]
     train_full = ShardSource(split_dir(cfg, "train"))
+    torch.manual_seed(cfg.run.seed + 2)  # every row: its head (and scratch's encoder) from a fixed seed
     if init is None:
-        torch.manual_seed(cfg.run.seed + 2)
         encoder = AudioNTT(n_fc=cfg.distill.n_fc, n_mels=cfg.audio.n_mels)
         mean, std = norm_stats(train_full, cfg.audio, cfg.pretrain.norm_clips)
     else:
