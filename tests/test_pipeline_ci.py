@@ -79,7 +79,7 @@ def test_rerun_skips_finished_stages_and_redoes_a_half_finished_one(ci_run):
     (run_dir / "pseudolabel" / "done.json").unlink()
     (run_dir / "pseudolabel" / "partial.tmp").write_text("half-written")
     proc = _pipeline(run_dir)
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "pretrain: done already" in proc.stdout and "distill: done already" in proc.stdout
     assert "unfused_dist.cli run pseudolabel" in proc.stdout and "[pipeline] pseudolabel: " in proc.stdout
     assert (run_dir / "pseudolabel" / "done.json").is_file()

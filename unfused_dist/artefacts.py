@@ -42,5 +42,6 @@ def reset(directory: Path, keep_checkpoints: bool = True) -> None:
         for child in directory.iterdir():
             if child.name in RESUMABLE and keep_checkpoints:
                 continue
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            # several ranks may reset the same directory at once: what another removed is not an error
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
     directory.mkdir(parents=True, exist_ok=True)

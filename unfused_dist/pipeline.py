@@ -33,6 +33,9 @@ def run_stage(cfg: Config, name: str, reshard: bool = False) -> None:
     from .stages import distill, evaluate, finetune, pretrain, pseudolabel
 
     TRAINER_OPTIONS.reshard = reshard
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .engine.distributed import init_distributed
+        init_distributed()  # before any stage code asks is_main(): otherwise every rank would think it is rank 0
 
     if name.startswith("finetune-"):
         finetune.run(cfg, name.split("-", 1)[1])
