@@ -1,8 +1,8 @@
 """pytest plugin: a real single-node SLURM cluster for the session (``scripts/slurm_local.sh``).
 
 Load it with ``pytest_plugins = ["slurm_cluster"]`` in tests/conftest.py (tests/ is on sys.path there),
-or ``-p slurm_cluster`` with tests/ on PYTHONPATH. The session-scoped fixture ``slurm_cluster`` starts
-munged, MariaDB + slurmdbd (so ``sacct`` and submitit's ``job.state`` work), slurmctld and slurmd under
+or ``-p slurm_cluster`` with tests/ on PYTHONPATH. The fixture ``slurm_cluster`` gives every test the same
+session-wide cluster (and cancels the jobs a test leaves behind). The first use starts munged, MariaDB + slurmdbd (so ``sacct`` and submitit's ``job.state`` work), slurmctld and slurmd under
 a temporary directory, sets ``os.environ["SLURM_CONF"]`` for the session (restored afterwards) and
 yields a :class:`SlurmCluster`. Teardown stops everything and fails if any daemon survives.
 Missing SLURM packages are a failure, not a skip: CI installs them with ``make setup``.
@@ -110,8 +110,26 @@ def _missing_programs() -> list[str]:
     return [p for p in PROGRAMS if shutil.which(p) is None]
 
 
+@pytest.fixture
+def slurm_cluster(_slurm_session):
+    """The session's cluster, left empty for the next test: jobs a test leaves queued or running (it
+    failed, or timed out waiting) are cancelled, so they cannot hold the node's CPUs in later tests."""
+    yield _slurm_session
+
+    def queued() -> list[str]:  # squeue lists unfinished jobs only (and completing ones)
+        return _slurm_session.run("squeue", "-h", "-o", "%i", check=False).split()
+
+    left = queued()
+    if left:
+        _slurm_session.run("scancel", *left, check=False)
+        deadline = time.monotonic() + 120
+        while queued():
+            assert time.monotonic() < deadline, f"jobs {left} still in the queue 120 s after scancel"
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
+def _slurm_session(tmp_path_factory):
     missing = _missing_programs()
     if missing:
         pytest.fail(f"SLURM test cluster: programs missing ({', '.join(missing)}); run `make setup` "

@@ -4,6 +4,7 @@ table of the local run; and a training job requeued mid-run that resumes from it
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -34,7 +35,7 @@ def _wait_for_jobs(run: Path, deadline_s: float) -> dict[str, dict]:
         if ids and all((states.get(j) or states.get(j.split("_")[0])) in FINAL for j in ids):
             return {name: {**job, "states": [states.get(j) or states.get(j.split("_")[0]) for j in job["job_ids"]]}
                     for name, job in jobs.items()}
-        assert time.monotonic() < deadline, f"jobs still running after {deadline_s} s: {states}"
+        assert time.monotonic() < deadline, f"jobs still running after {deadline_s} s: {states}\n{_logs(run)}"
         time.sleep(2)
 
 
@@ -53,7 +54,7 @@ def test_the_ci_pipeline_on_slurm_runs_stage_by_stage_and_matches_the_local_run(
                  "configs/slurm/ci.yaml", f"run.dir={run}", "run.name=ci_slurm", env=slurm_cluster.env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "pseudolabel-embed: job" in r.stdout and "(array of 2)" in r.stdout
-    jobs = _wait_for_jobs(run, 1800)
+    jobs = _wait_for_jobs(run, 1200)  # ~7 min on an idle 2-core machine
     failed = {n: j["states"] for n, j in jobs.items() if set(j["states"]) != {"COMPLETED"}}
     assert not failed, (failed, _logs(run))
 
@@ -102,8 +103,9 @@ def test_a_requeued_training_job_resumes_from_its_checkpoint(slurm_cluster, tmp_
 
 
 def _logs(run: Path) -> str:
-    return "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted(run.glob("slurm/*/*/*.out")) +
-                     sorted(run.glob("slurm/*/*/*.err")))
+    """The tail of every job's stdout and stderr (progress bars cut to their last update)."""
+    files = sorted(run.glob("slurm/*/*/*.out")) + sorted(run.glob("slurm/*/*/*.err"))
+    return "\n".join(re.sub(r"[^\n]*\r", "", p.read_text(errors="replace"))[-2000:] for p in files)
 
 
 def test_cancel_stops_every_unfinished_job_of_a_run(slurm_cluster, tmp_path):

@@ -146,3 +146,17 @@ def test_bad_samples_at_the_end_of_a_range_take_its_first_good_sample(tmp_path, 
     stream = ShardStream(ShardSource(split), _key_and_audio_draw, seed=7, shuffle=False, workers=0, batch_size=2)
     keys = [k for b in make_loader(stream) for k in b[0]]
     assert keys == ["c001", "c001", "c002", "c003", "c004", "c001"]
+
+
+def test_workers_start_from_a_fork_server_and_a_closure_transform_is_refused_clearly(tone_dataset):
+    # Forking a training process that runs threads (metrics server, queue feeders) hung a rank in os.fork()
+    loader = make_loader(_stream(tone_dataset / "train"))
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    assert len(list(loader)) == _stream(tone_dataset / "train").batches_per_epoch()
+
+    def closure(sample, rng):
+        return sample.key
+
+    with pytest.raises(ValueError, match="cannot be pickled.*data.num_workers=0"):
+        make_loader(_stream(tone_dataset / "train", transform=closure))
+    assert make_loader(_stream(tone_dataset / "train", transform=closure, workers=0)).num_workers == 0

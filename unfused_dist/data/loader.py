@@ -2,8 +2,10 @@
 same number of batches on every rank (so collectives never hang on uneven shards)."""
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
+import pickle
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -18,6 +20,24 @@ from .manifest import DatasetManifest
 from .shards import RawSample, ShardError, iter_shard, iter_shard_with_labels
 
 log = logging.getLogger(__name__)
+
+# DataLoader workers start from a fork server, never by forking the training process itself: that process
+# has threads (the metrics HTTP server, tqdm's monitor, the last epoch's queue feeders), and CPython 3.11
+# can deadlock a child forked while one of them starts or ends (seen: a fine-tuning rank hung forever in
+# os.fork() at the start of an epoch while the other waited in all_reduce). The server preloads what
+# every worker needs, so starting workers each epoch stays cheap.
+WORKER_CONTEXT = mp.get_context("forkserver")
+WORKER_CONTEXT.set_forkserver_preload(["__main__", "unfused_dist.data.loader", "unfused_dist.data.transforms"])
+
+
+@atexit.register  # after multiprocessing's own exit handler, so it runs before it
+def _kill_workers_left_open() -> None:
+    """At exit multiprocessing SIGTERMs its daemonic children and joins them. Workers ignore SIGTERM
+    (engine.preemption.ignore_in_workers), so a loader still open then (an iterator kept alive by a
+    traceback, say) would hang the exit: kill them outright."""
+    for child in mp.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def assign_shards(n_shards: int, seed: int, epoch: int, world: int, lanes: int,
@@ -117,7 +137,7 @@ class ShardStream(IterableDataset):
         self.bad_count = 0  # bad samples met by this copy of the stream (each worker has its own)
         # ...and by all of this rank's workers together: created here, in the main process, so the workers
         # (separate processes) inherit it; the training loop reads it for the metrics (take_bad)
-        self.bad_total = mp.Value("q", 0)
+        self.bad_total = WORKER_CONTEXT.Value("q", 0)
         self._bad_reported = 0
 
     def set_position(self, epoch: int, batches_done: int = 0) -> None:
@@ -284,12 +304,25 @@ def make_loader(stream: ShardStream, batch_size: int | None = None) -> DataLoade
     """Training streams batch with their own batch size (full batches only); evaluation streams keep
     the last partial batch."""
     training = stream.batch_size is not None
+    if stream.workers:
+        _check_picklable(stream.transform)
     return DataLoader(stream, batch_size=stream.batch_size if training else batch_size,
                       num_workers=stream.workers, drop_last=training, persistent_workers=False,
                       collate_fn=_collate, worker_init_fn=ignore_in_workers,
+                      multiprocessing_context=WORKER_CONTEXT if stream.workers else None,
                       # its own generator: a DataLoader otherwise draws its workers' seed from torch's global
                       # RNG, and a resume (which starts a new DataLoader mid-epoch) would shift that stream
                       generator=torch.Generator().manual_seed(stream.seed))
+
+
+def _check_picklable(transform: Callable) -> None:
+    try:
+        pickle.dumps(transform)
+    except (pickle.PicklingError, AttributeError, TypeError) as e:
+        raise ValueError(f"the stream's transform {transform!r} cannot be pickled ({e}); DataLoader workers "
+                         "start from a fork server and receive it pickled: make it a module-level function "
+                         "or a dataclass with __call__ (see unfused_dist/data/transforms.py), or use "
+                         "data.num_workers=0") from None
 
 
 def _collate(items: list) -> tuple:

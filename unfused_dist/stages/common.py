@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..audio.frontend import FrontendConfig, LogMel, Normalizer, centre_crop, random_crop
+from ..audio.frontend import FrontendConfig, LogMel, Normalizer, centre_crop
 from ..config import Config
 from ..data.loader import ShardSource, ShardStream, make_loader
 from ..metrics.exporter import Metrics, stage_metrics
-from ..data.shards import RawSample
+from ..data.transforms import eval_transform, train_transform  # noqa: F401 (the stages import them from here)
 from ..artefacts import mark_done
 from ..engine.distributed import init_distributed, is_main, rank_world
 from ..engine.export import export_encoder, full_state_dict
@@ -30,27 +30,6 @@ class Features(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         return self.norm(self.logmel(wave))
-
-
-def train_transform(audio: FrontendConfig, with_label: str | None, seconds: float | None = None):
-    """Random crop of `seconds` (default: the 0.95 s SSL/distillation crop); with_label: None, 'label'
-    (true label id) or 'cls' (pseudo-label)."""
-    n = audio.crop_samples if seconds is None else int(round(seconds * audio.sample_rate))
-
-    def transform(sample: RawSample, rng: np.random.Generator):
-        wave = random_crop(sample.audio(audio.sample_rate), n, rng)
-        if with_label is None:
-            return (wave,)
-        return wave, (sample.cls() if with_label == "cls" else sample.label_id)
-    return transform
-
-
-def eval_transform(audio: FrontendConfig, seconds: float):
-    n = int(round(seconds * audio.sample_rate))
-
-    def transform(sample: RawSample, rng: np.random.Generator):
-        return centre_crop(sample.audio(audio.sample_rate), n), sample.label_id, sample.key
-    return transform
 
 
 def norm_stats(source: ShardSource, audio: FrontendConfig, n_clips: int) -> tuple[float, float]:

@@ -26,6 +26,7 @@ from ..cluster.labels import write_label_shard
 from ..cluster.pca import Whitening, fit_whitening
 from ..config import Config
 from ..data.loader import ShardSource
+from ..data.transforms import WithShard
 from ..engine.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, is_main
 from ..engine.export import load_encoder, sha256_of
 from ..errors import UnfusedError
@@ -57,10 +58,7 @@ def embed(cfg: Config, part: int | None = None, parts: int | None = None) -> int
         dump.prepare(directory, {"teacher_sha256": meta["sha256"], "layer": c.layer,
                                  "task_seconds": cfg.data.task_seconds})
     barrier()
-    base = eval_transform(cfg.audio, cfg.data.task_seconds)
-
-    def transform(sample, rng):
-        return (*base(sample, rng), sample.shard)
+    transform = WithShard(eval_transform(cfg.audio, cfg.data.task_seconds))
 
     def embed_batch(wave):
         out = teacher(features(wave))
