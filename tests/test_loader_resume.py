@@ -160,3 +160,37 @@ def test_workers_start_from_a_fork_server_and_a_closure_transform_is_refused_cle
     with pytest.raises(ValueError, match="cannot be pickled.*data.num_workers=0"):
         make_loader(_stream(tone_dataset / "train", transform=closure))
     assert make_loader(_stream(tone_dataset / "train", transform=closure, workers=0)).num_workers == 0
+
+
+_HOLD_A_LOADER = """
+import sys, time
+from unfused_dist.data.loader import ShardSource, ShardStream, make_loader
+from unfused_dist.data.transforms import CentreCrop
+stream = ShardStream(ShardSource(sys.argv[1]), CentreCrop(1600, 16000), seed=0, shuffle=True, workers=2,
+                     batch_size=1)
+it = iter(make_loader(stream))
+next(it)
+print(*[w.pid for w in it._workers], flush=True)
+time.sleep(600)
+"""
+
+
+def test_workers_end_when_the_training_process_is_killed(tone_dataset):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from unfused_dist.data.loader import _alive
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_A_LOADER, str(tone_dataset / "train")],
+                            stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert len(workers) == 2 and all(_alive(p) for p in workers)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30  # they look once a second
+    while any(_alive(p) for p in workers):
+        assert time.monotonic() < deadline, f"DataLoader workers {workers} outlived their killed process"
+        time.sleep(0.1)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing as mp
+import os
 import pickle
+import threading
+import time
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -38,6 +41,38 @@ def _kill_workers_left_open() -> None:
     for child in mp.active_children():
         if child.daemon:
             child.kill()
+
+
+@dataclass(frozen=True)
+class _WorkerInit:
+    """DataLoader worker_init_fn. A worker's parent is the fork server, which lives as long as any of its
+    children, so torch's own watchdog (it watches the parent) never sees the training process die, say of
+    SIGKILL: this watches that process instead and ends the worker once it is gone."""
+    owner: int  # the training process's pid
+
+    def __call__(self, worker_id: int) -> None:
+        ignore_in_workers(worker_id)
+        threading.Thread(target=_exit_when_gone, args=(self.owner,), daemon=True, name="owner-watch").start()
+
+
+def _exit_when_gone(pid: int, every_s: float = 1.0) -> None:
+    while _alive(pid):
+        time.sleep(every_s)
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead, only not yet reaped
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux): existence only
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
 
 
 def assign_shards(n_shards: int, seed: int, epoch: int, world: int, lanes: int,
@@ -308,7 +343,7 @@ def make_loader(stream: ShardStream, batch_size: int | None = None) -> DataLoade
         _check_picklable(stream.transform)
     return DataLoader(stream, batch_size=stream.batch_size if training else batch_size,
                       num_workers=stream.workers, drop_last=training, persistent_workers=False,
-                      collate_fn=_collate, worker_init_fn=ignore_in_workers,
+                      collate_fn=_collate, worker_init_fn=_WorkerInit(os.getpid()),
                       multiprocessing_context=WORKER_CONTEXT if stream.workers else None,
                       # its own generator: a DataLoader otherwise draws its workers' seed from torch's global
                       # RNG, and a resume (which starts a new DataLoader mid-epoch) would shift that stream
