@@ -8,10 +8,10 @@ rows, each from its own seeded stream: the first N' rows are the same for every 
 
 1. Ours vs the baseline, both clustering the same N points into K (500) clusters with --threads threads:
    ours      the project's cpu backend (unfused_dist.cluster.kmeans): k-means++ (`init_centroids`) on an init
-             sample of --init-points (30,000), then `lloyd` (--iterations 20, `faiss_search`) on a fit sample
-             of --fit-points (100,000 = 200 points per centroid: the smallest sample of the sweep whose
-             objective is within 0.5 % of fitting on all points, with a wide speed margin), then
-             `faiss_search` assigning all N points. Timed: sampling + init + fit + assigning every point.
+             sample of --init-points, then `lloyd` (--iterations, `faiss_search`) on a fit sample of
+             --fit-points, then `faiss_search` assigning all N points. The three default to the project's
+             own (pseudolabel.init_points 30,000, iterations 20, fit_points 200,000 = 400 points per centroid
+             at K=500); the sweep (2.) shows what the fit sample size buys. Timed: sampling + init + fit + assigning every point.
    sklearn   sklearn.cluster.MiniBatchKMeans at HuBERT's settings (n_clusters=K, init="k-means++",
              batch_size=10000, n_init=20, max_iter=100, max_no_improvement=100, reassignment_ratio=0.0, tol=0.0,
              random_state=--seed, compute_labels=False). Timed: `fit` only (no predict, no labels).
@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from _common import CpuWitness, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,10 +303,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=500, help="clusters (default 500)")
     p.add_argument("--components", type=int, default=1000, help="mixture components (default 1000)")
     p.add_argument("--spread", type=float, default=1.0, help="scale of the component means (default 1.0)")
-    p.add_argument("--iterations", type=int, default=20, help="Lloyd iterations of ours (default 20)")
-    p.add_argument("--init-points", type=int, default=30_000, help="k-means++ init sample of ours (default 30,000)")
-    p.add_argument("--fit-points", type=int, default=100_000,
-                   help="Lloyd fit sample of ours, 0 = all points (default 100,000: 200 per centroid at K=500)")
+    from unfused_dist.config import PseudoLabelConfig
+    project = PseudoLabelConfig()  # ours runs at the project's defaults unless told otherwise
+    p.add_argument("--iterations", type=int, default=project.iterations,
+                   help=f"Lloyd iterations of ours (default pseudolabel.iterations: {project.iterations})")
+    p.add_argument("--init-points", type=int, default=project.init_points,
+                   help=f"k-means++ init sample of ours (default pseudolabel.init_points: {project.init_points:,})")
+    p.add_argument("--fit-points", type=int, default=project.fit_points,
+                   help=f"Lloyd fit sample of ours, 0 = all points (default pseudolabel.fit_points: "
+                        f"{project.fit_points:,})")
     p.add_argument("--sklearn", action=argparse.BooleanOptionalAction, default=True,
                    help="run the MiniBatchKMeans baseline (default on; ~1.5-2 min at 1e6 points on 2 cores)")
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
