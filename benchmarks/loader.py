@@ -30,6 +30,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +40,12 @@ from torch.utils.data import DataLoader, Dataset
 from _common import (SINGLE_THREAD_ENV, CpuWitness, Workspace, build_supports_codec, run, table, tone_noise, venv_bin,
                      verdict)
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")  # stages.common imports the engine; keep DeepSpeed on the CPU
 
-from unfused_dist.audio.frontend import FrontendConfig, LogMel, random_crop  # noqa: E402
+from unfused_dist.audio.frontend import FrontendConfig, LogMel  # noqa: E402
 from unfused_dist.audio.io import encode_audio  # noqa: E402
 from unfused_dist.data.loader import ShardSource, ShardStream, make_loader  # noqa: E402
 from unfused_dist.data.shards import RawSample  # noqa: E402
+from unfused_dist.data.transforms import RandomCrop, train_transform  # noqa: E402
 
 SR = 16000
 TARGET_VS_LIMIT, TARGET_VS_FILES = 0.9, 1.0
@@ -99,30 +100,24 @@ def shard_samples(split_dir: Path) -> list[RawSample]:
 
 # ---- the per-clip work ----------------------------------------------------------------------------
 
-def crop_transform(cfg: FrontendConfig) -> tuple[object, str]:
-    """The training's own transform when its module imports; otherwise (stages.common pulls in the whole
-    engine, which may be mid-change) the same two calls it makes, and the output says which ran."""
-    try:
-        from unfused_dist.stages.common import train_transform
-    except ImportError as e:
-        def crop(sample: RawSample, rng: np.random.Generator):
-            return (random_crop(sample.audio(cfg.sample_rate), cfg.crop_samples, rng),)
-        return crop, f"a copy of train_transform (sample.audio + random_crop): stages.common does not import ({e})"
-    return train_transform(cfg, with_label=None), "unfused_dist.stages.common.train_transform"
+@dataclass(frozen=True)
+class ClipWork:
+    """The training's transform (decode + random 0.95 s crop), plus a per-clip log-mel when asked. A
+    dataclass, not a closure: the project's DataLoader workers receive it pickled from a fork server."""
+    crop: RandomCrop
+    mel: LogMel | None
 
-
-def make_transform(logmel: bool):
-    """The training's transform (decode + random 0.95 s crop), plus a per-clip log-mel when asked."""
-    cfg = FrontendConfig()
-    crop, origin = crop_transform(cfg)
-    mel = LogMel(cfg) if logmel else None
-
-    def transform(sample: RawSample, rng: np.random.Generator):
-        (wave,) = crop(sample, rng)
-        if mel is None:
+    def __call__(self, sample: RawSample, rng: np.random.Generator) -> tuple:
+        (wave,) = self.crop(sample, rng)
+        if self.mel is None:
             return (wave,)
-        return (mel(torch.from_numpy(wave)[None])[0].numpy(),)  # (1, mels, frames)
-    return transform, origin
+        return (self.mel(torch.from_numpy(wave)[None])[0].numpy(),)  # (1, mels, frames)
+
+
+def make_transform(logmel: bool) -> tuple[ClipWork, str]:
+    cfg = FrontendConfig()
+    return (ClipWork(train_transform(cfg, with_label=None), LogMel(cfg) if logmel else None),
+            "unfused_dist.data.transforms.train_transform")
 
 
 def collate(items: list[tuple]) -> tuple:
