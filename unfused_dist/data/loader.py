@@ -7,6 +7,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +31,11 @@ log = logging.getLogger(__name__)
 # os.fork() at the start of an epoch while the other waited in all_reduce). The server preloads what
 # every worker needs, so starting workers each epoch stays cheap.
 WORKER_CONTEXT = mp.get_context("forkserver")
-WORKER_CONTEXT.set_forkserver_preload(["__main__", "unfused_dist.data.loader", "unfused_dist.data.transforms"])
+# A program run as `python -m NAME` (torchrun ranks, submitit jobs) is re-run as __mp_main__ in every worker:
+# preloading NAME in the server makes that re-run find its imports done.
+_MAIN_MODULE = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+WORKER_CONTEXT.set_forkserver_preload(["__main__", *([_MAIN_MODULE] if _MAIN_MODULE else []),
+                                       "unfused_dist.data.loader", "unfused_dist.data.transforms"])
 
 
 @atexit.register  # after multiprocessing's own exit handler, so it runs before it
