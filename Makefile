@@ -29,6 +29,7 @@ bench: setup
 	$(PY) benchmarks/shards_build.py
 	$(PY) benchmarks/loader.py
 	$(PY) benchmarks/engine.py
+	$(PY) benchmarks/kmeans.py
 
 clean-runs:
 	rm -rf runs/
