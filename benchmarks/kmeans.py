@@ -11,7 +11,8 @@ rows, each from its own seeded stream: the first N' rows are the same for every 
              sample of --init-points, then `lloyd` (--iterations, `faiss_search`) on a fit sample of
              --fit-points, then `faiss_search` assigning all N points. The three default to the project's
              own (pseudolabel.init_points 30,000, iterations 20, fit_points 200,000 = 400 points per centroid
-             at K=500); the sweep (2.) shows what the fit sample size buys. Timed: sampling + init + fit + assigning every point.
+             at K=500); the sweep (2.) shows what the fit sample size buys. Timed: sampling + init + fit +
+             assigning every point.
    sklearn   sklearn.cluster.MiniBatchKMeans at HuBERT's settings (n_clusters=K, init="k-means++",
              batch_size=10000, n_init=20, max_iter=100, max_no_improvement=100, reassignment_ratio=0.0, tol=0.0,
              random_state=--seed, compute_labels=False). Timed: `fit` only (no predict, no labels).

@@ -2,9 +2,10 @@
 
 Load it with ``pytest_plugins = ["slurm_cluster"]`` in tests/conftest.py (tests/ is on sys.path there),
 or ``-p slurm_cluster`` with tests/ on PYTHONPATH. The fixture ``slurm_cluster`` gives every test the same
-session-wide cluster (and cancels the jobs a test leaves behind). The first use starts munged, MariaDB + slurmdbd (so ``sacct`` and submitit's ``job.state`` work), slurmctld and slurmd under
-a temporary directory, sets ``os.environ["SLURM_CONF"]`` for the session (restored afterwards) and
-yields a :class:`SlurmCluster`. Teardown stops everything and fails if any daemon survives.
+session-wide cluster (and cancels the jobs a test leaves behind). The first use starts munged, MariaDB +
+slurmdbd (so ``sacct`` and submitit's ``job.state`` work), slurmctld and slurmd under a temporary directory,
+sets ``os.environ["SLURM_CONF"]`` for the session (restored afterwards) and yields a :class:`SlurmCluster`.
+Teardown stops everything and fails if any daemon survives.
 Missing SLURM packages are a failure, not a skip: CI installs them with ``make setup``.
 """
 from __future__ import annotations

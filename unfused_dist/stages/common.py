@@ -13,7 +13,7 @@ from ..audio.frontend import FrontendConfig, LogMel, Normalizer, centre_crop
 from ..config import Config
 from ..data.loader import ShardSource, ShardStream, make_loader
 from ..metrics.exporter import Metrics, stage_metrics
-from ..data.transforms import eval_transform, train_transform  # noqa: F401 (the stages import them from here)
+from ..data.transforms import eval_transform
 from ..artefacts import mark_done
 from ..engine.distributed import init_distributed, is_main, rank_world
 from ..engine.export import export_encoder, full_state_dict

@@ -14,7 +14,8 @@ from ..data.loader import ShardSource
 from ..models.encoder import AudioNTT
 from ..models.heads import shallow_head
 from ..objectives.distill import DistillWeights, distillation_loss
-from .common import Features, norm_stats, split_dir, train_encoder, train_transform
+from ..data.transforms import train_transform
+from .common import Features, norm_stats, split_dir, train_encoder
 
 
 class DistillModule(nn.Module):

@@ -15,7 +15,8 @@ from ..audio.frontend import LogMel
 from ..config import Config
 from ..data.loader import ShardSource, ShardStream, make_loader
 from ..metrics.report import plot_accuracies, plot_losses, results_markdown
-from .common import eval_transform, labelled_subset, split_dir
+from ..data.transforms import eval_transform
+from .common import labelled_subset, split_dir
 
 
 def run(cfg: Config) -> dict:

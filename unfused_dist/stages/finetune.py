@@ -18,8 +18,9 @@ from ..engine.export import load_encoder
 from ..engine.trainer import Trainer, write_history
 from ..metrics.exporter import stage_metrics
 from ..models.encoder import AudioNTT, count_parameters
-from .common import Features, embed_split, eval_transform, labelled_subset, norm_stats, split_dir, \
-    epoch_batches, tensor_batches, train_transform, training_stream
+from ..data.transforms import eval_transform, train_transform
+from .common import Features, embed_split, labelled_subset, norm_stats, split_dir, epoch_batches, tensor_batches, \
+    training_stream
 
 # row -> (stage whose encoder initialises it, or None for random init; full fine-tuning or linear probe)
 ROWS = {

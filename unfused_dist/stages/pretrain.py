@@ -13,7 +13,8 @@ from ..data.loader import ShardSource
 from ..models.encoder import AudioNTT
 from ..models.heads import cluster_head
 from ..objectives.ssl import slicer_loss
-from .common import Features, norm_stats, train_encoder, train_transform
+from ..data.transforms import train_transform
+from .common import Features, norm_stats, train_encoder
 
 
 class SSLModule(nn.Module):

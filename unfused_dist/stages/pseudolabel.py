@@ -26,12 +26,12 @@ from ..cluster.labels import write_label_shard
 from ..cluster.pca import Whitening, fit_whitening
 from ..config import Config
 from ..data.loader import ShardSource
-from ..data.transforms import WithShard
+from ..data.transforms import WithShard, eval_transform
 from ..engine.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, is_main
 from ..engine.export import load_encoder, sha256_of
 from ..errors import UnfusedError
 from ..metrics.exporter import stage_metrics
-from .common import Features, eval_transform, split_dir
+from .common import Features, split_dir
 
 
 def labels_dir(cfg: Config) -> Path:
