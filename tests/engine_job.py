@@ -65,9 +65,11 @@ def main() -> None:
     trainer = Trainer(Net(), engine, optim, 4, steps * args.epochs, out / "ckpt", "job", "job", reshard=args.reshard)
     log = open(out / f"keys-{args.name}-rank{rank}.jsonl", "a")
 
+    loader = make_loader(stream)
+
     def batches(epoch, start):
         stream.set_position(epoch, start)
-        for i, (x, y, keys) in enumerate(make_loader(stream), start=start):
+        for i, (x, y, keys) in enumerate(loader, start=start):
             g = epoch * steps + i
             if g == args.kill_at and rank == 0:
                 os.killpg(os.getpgid(0), signal.SIGKILL)

@@ -39,6 +39,29 @@ def test_resume_at_any_batch_continues_exactly(tone_dataset, stop):
     assert full[:stop] + resumed == full
 
 
+def test_one_loader_serves_every_epoch_with_the_same_workers_and_exact_positions(tone_dataset):
+    # Training makes its loader once: the workers persist and each iteration re-reads set_position
+    split = tone_dataset / "train"
+    stream = _stream(split)
+    loader = make_loader(stream)
+    assert loader.persistent_workers
+    workers = set()
+
+    def one_pass(epoch, start):
+        stream.set_position(epoch, start)
+        batches = [list(zip(keys, draws)) for keys, draws in loader]
+        workers.add(tuple(w.pid for w in loader._iterator._workers))
+        return batches
+
+    for epoch, start in [(0, 0), (1, 3), (2, 0)]:
+        assert one_pass(epoch, start) == _epoch(_stream(split), epoch, start)  # fresh loaders: the reference
+    stream.set_position(3, 0)
+    it = iter(loader)
+    next(it), next(it)  # abandoned mid-epoch, its prefetched batches still in flight
+    assert one_pass(4, 1) == _epoch(_stream(split), 4, 1)
+    assert len(workers) == 1
+
+
 def test_resume_does_not_decode_skipped_samples(tone_dataset):
     split = tone_dataset / "train"
     decoded = []

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from ..engine.preemption import ignore_in_workers
 from .manifest import DatasetManifest
@@ -173,7 +173,10 @@ class ShardStream(IterableDataset):
         self.workers, self.batch_size, self.shuffle_buffer = workers, batch_size, shuffle_buffer
         self.bad_samples, self.resampled = bad_samples, resampled
         self.lanes = max(workers, 1)
-        self.epoch = self.batches_done = 0
+        # The position, also in shared memory: a training loader's workers persist across epochs with their
+        # own copy of this object, and read the position from there when the next epoch's iteration starts
+        self._shared_position = WORKER_CONTEXT.Array("q", 2, lock=False)
+        self.set_position(0, 0)
         self.bad_count = 0  # bad samples met by this copy of the stream (each worker has its own)
         # ...and by all of this rank's workers together: created here, in the main process, so the workers
         # (separate processes) inherit it; the training loop reads it for the metrics (take_bad)
@@ -181,7 +184,9 @@ class ShardStream(IterableDataset):
         self._bad_reported = 0
 
     def set_position(self, epoch: int, batches_done: int = 0) -> None:
+        """Where the next iteration starts. Call it before iterating the loader (`iter(loader)` starts it)."""
         self.epoch, self.batches_done = epoch, batches_done
+        self._shared_position[:] = [epoch, batches_done]
 
     def layout(self) -> dict:
         """What must not change for a resume to be exact."""
@@ -219,6 +224,8 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
+        self.epoch, self.batches_done = self._shared_position[:]  # in a worker: what set_position wrote last
+        self.bad_count = 0
         # The DataLoader's round robin restarts at worker 0, but after n batches the next one is lane
         # n % lanes's: rotate the worker -> lane map so the interleaving continues where it stopped.
         lane = ((info.id if info else 0) + self.batches_done) % self.lanes
@@ -342,12 +349,17 @@ def _pop_random(buf: list, rng: np.random.Generator):
 
 def make_loader(stream: ShardStream, batch_size: int | None = None) -> DataLoader:
     """Training streams batch with their own batch size (full batches only); evaluation streams keep
-    the last partial batch."""
+    the last partial batch.
+
+    A training loader is made once and iterated once per epoch, `stream.set_position` before each: its
+    workers persist (starting them costs ~0.1 s each, a tenth of a short epoch on small machines) and each
+    new iteration re-reads the position. An evaluation loader is iterated once."""
     training = stream.batch_size is not None
     if stream.workers:
         _check_picklable(stream.transform)
     return DataLoader(stream, batch_size=stream.batch_size if training else batch_size,
-                      num_workers=stream.workers, drop_last=training, persistent_workers=False,
+                      num_workers=stream.workers, drop_last=training,
+                      persistent_workers=training and stream.workers > 0,
                       collate_fn=_collate, worker_init_fn=_WorkerInit(os.getpid()),
                       multiprocessing_context=WORKER_CONTEXT if stream.workers else None,
                       # its own generator: a DataLoader otherwise draws its workers' seed from torch's global
@@ -366,12 +378,14 @@ def _check_picklable(transform: Callable) -> None:
 
 
 def _collate(items: list) -> tuple:
-    """Items are tuples of (np.ndarray | int | str); stack arrays, tensor ints, list strings."""
+    """Items are tuples of (np.ndarray | int | str); stack arrays, tensor ints, list strings. Arrays are
+    stacked by torch's default_collate, which in a worker stacks straight into shared memory (stacking
+    first would cost one more copy of every batch on its way to the training process)."""
     cols = list(zip(*items))
     out = []
     for col in cols:
         if isinstance(col[0], np.ndarray):
-            out.append(torch.from_numpy(np.stack(col)))
+            out.append(default_collate([torch.from_numpy(a) for a in col]))
         elif isinstance(col[0], (int, np.integer)):
             out.append(torch.tensor(col, dtype=torch.long))
         else:

@@ -112,9 +112,11 @@ def training_stream(cfg: Config, source: ShardSource, transform, batch_size: int
 
 def epoch_batches(stream: ShardStream, metrics: Metrics):
     """`batches(epoch, start)` for Trainer.fit, counting the bad samples the workers skipped."""
+    loader = make_loader(stream)
+
     def batches(epoch: int, start: int):
         stream.set_position(epoch, start)
-        for batch in make_loader(stream):
+        for batch in loader:
             metrics.bad_sample("undecodable", stream.take_bad())
             yield batch
     return batches
