@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # has threads (the metrics HTTP server, tqdm's monitor, the last epoch's queue feeders), and CPython 3.11
 # can deadlock a child forked while one of them starts or ends (seen: a fine-tuning rank hung forever in
 # os.fork() at the start of an epoch while the other waited in all_reduce). The server preloads what
-# every worker needs, so starting workers each epoch stays cheap.
+# every worker needs, so starting one stays cheap (evaluation loaders start theirs each time they run).
 WORKER_CONTEXT = mp.get_context("forkserver")
 # A program run as `python -m NAME` (torchrun ranks, submitit jobs) is re-run as __mp_main__ in every worker:
 # preloading NAME in the server makes that re-run find its imports done.
