@@ -5,6 +5,7 @@ Nothing here downloads anything: every input is synthesized or given by the user
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -184,6 +185,11 @@ def _proc_cpu(fields: list[str]) -> float:
 
 def verdict(value: float, target: float) -> str:
     return "PASS" if value >= target else "BELOW"
+
+
+def ratio(value: float) -> str:
+    """A ratio to two decimals, rounded down: 0.997 of a 1.0 target prints 0.99 (BELOW), not 1.00 (BELOW)."""
+    return f"{math.floor(value * 100) / 100:.2f}"
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:

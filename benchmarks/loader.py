@@ -18,6 +18,9 @@ same per-clip work in every setup, for each shard codec (FLAC and WAV):
       in RAM would; on a network file system or a cold disk per-file reads cost far more.
   (3) CPU limit: one process, one thread, decoding + transforming the shard members already in memory
       (no tar parsing, no DataLoader, no IPC), clips/s x W: what W workers could do if loading were free.
+  (4) W loops at once (a reference, not a target): the same in-memory loop in W processes at the same time,
+      each over 1/W of the members. On a virtual or shared machine W busy cores rarely give W x one
+      core's speed; (4)/(3) says how much of the gap between (1) and (3) is the machine, not the loader.
 
 Clips/s are over --epochs epochs (default 2) after one untimed warm-up epoch, the setups taking turns epoch
 by epoch (a drifting machine speed then skews no ratio). The shards loader is made once and its workers
@@ -38,13 +41,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from _common import (SINGLE_THREAD_ENV, CpuWitness, Workspace, build_supports_codec, run, table, tone_noise, venv_bin,
-                     verdict)
+from _common import (SINGLE_THREAD_ENV, CpuWitness, Workspace, build_supports_codec, ratio, run, table, tone_noise,
+                     venv_bin, verdict)
 
 
 from unfused_dist.audio.frontend import FrontendConfig, LogMel  # noqa: E402
 from unfused_dist.audio.io import encode_audio  # noqa: E402
-from unfused_dist.data.loader import ShardSource, ShardStream, make_loader  # noqa: E402
+from unfused_dist.data.loader import WORKER_CONTEXT, PositionRng, ShardSource, ShardStream, make_loader  # noqa: E402
 from unfused_dist.data.shards import RawSample  # noqa: E402
 from unfused_dist.data.transforms import RandomCrop, train_transform  # noqa: E402
 
@@ -128,10 +131,11 @@ def collate(items: list[tuple]) -> tuple:
 
 class FileClips(Dataset):
     """Map-style per-file dataset: read one file, wrap it as the shard reader's RawSample, transform.
-    Each clip's crop generator is seeded by (epoch, index), as the shard stream seeds by position."""
+    Each clip's crop generator is the shard stream's kind (PositionRng), at (epoch, index)."""
 
     def __init__(self, paths: list[Path], codec: str, transform):
         self.paths, self.codec, self.transform, self.epoch = paths, codec, transform, 0
+        self._rng: PositionRng | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -139,7 +143,9 @@ class FileClips(Dataset):
     def __getitem__(self, i: int):
         path = self.paths[i]
         sample = RawSample(key=path.stem, shard=str(path), members={self.codec: path.read_bytes()})
-        return self.transform(sample, np.random.default_rng([SEED, self.epoch, i]))
+        if self._rng is None:  # made in the worker, once per epoch: workers are new each epoch
+            self._rng = PositionRng(SEED, self.epoch)
+        return self.transform(sample, self._rng.at(i))
 
 
 # ---- the setups: each is one_epoch(epoch) -> clips delivered ----------------------------------------
@@ -180,7 +186,7 @@ def per_file_epochs(paths: list[Path], codec: str, transform, args):
     dataset = FileClips(paths, codec, transform)
 
     def one_epoch(epoch: int) -> int:
-        dataset.epoch = epoch  # set before the workers fork: each gets this epoch's copy
+        dataset.epoch, dataset._rng = epoch, None  # set before the workers fork: each gets this epoch's copy
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                             drop_last=True, collate_fn=collate, generator=torch.Generator().manual_seed(epoch))
         return drain(loader)
@@ -204,6 +210,42 @@ def cpu_limit_epochs(samples: list[RawSample], transform, workers: int):
     return one_epoch
 
 
+class ParallelLimit:
+    """(4): W processes, each running the CPU-limit loop over its 1/W of the in-memory samples, started
+    together every epoch. Processes come from the loader's fork server (forking this process, which has
+    threads, could deadlock)."""
+
+    def __init__(self, samples: list[RawSample], transform, workers: int):
+        self.pipes, self.procs = [], []
+        for part in np.array_split(np.arange(len(samples)), workers):
+            mine, theirs = WORKER_CONTEXT.Pipe()
+            proc = WORKER_CONTEXT.Process(target=_limit_loop, args=(theirs, [samples[i] for i in part], transform),
+                                          daemon=True)
+            proc.start()
+            self.pipes.append(mine)
+            self.procs.append(proc)
+
+    def __call__(self, epoch: int) -> int:
+        for pipe in self.pipes:
+            pipe.send(True)
+        return sum(pipe.recv() for pipe in self.pipes)
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            pipe.send(False)
+        for proc in self.procs:
+            proc.join()
+
+
+def _limit_loop(pipe, samples: list[RawSample], transform) -> None:
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(SEED)
+    while pipe.recv():
+        for s in samples:
+            transform(s, rng)
+        pipe.send(len(samples))
+
+
 def noop(sample: RawSample, rng: np.random.Generator):
     return (np.zeros(1, np.float32),)
 
@@ -215,25 +257,32 @@ def measure_codec(codec: str, paths: list[Path], ws: Workspace, args, transform,
     samples = shard_samples(split)
     r = {"codec": codec, "audio_bytes": np.mean([len(s.members[codec]) for s in samples]),
          "shard_bytes": sum(p.stat().st_size for p in split.glob("audio-*.tar")) / len(samples)}
-    r.update(interleaved_rates({
-        "limit": cpu_limit_epochs(samples, transform, args.workers),
-        "shards_rate": shards_epochs(split, transform, args),
-        "files": per_file_epochs(paths, codec, transform, args),
-        # the loaders' own cost: the same epochs with nothing decoded or transformed
-        "shards_noop": shards_epochs(split, noop, args),
-        "files_noop": per_file_epochs(paths, codec, noop, args),
-    }, args.epochs))
+    parallel = ParallelLimit(samples, transform, args.workers)
+    try:
+        r.update(interleaved_rates({
+            "limit": cpu_limit_epochs(samples, transform, args.workers),
+            "parallel": parallel,
+            "shards_rate": shards_epochs(split, transform, args),
+            "files": per_file_epochs(paths, codec, transform, args),
+            # the loaders' own cost: the same epochs with nothing decoded or transformed
+            "shards_noop": shards_epochs(split, noop, args),
+            "files_noop": per_file_epochs(paths, codec, noop, args),
+        }, args.epochs))
+    finally:
+        parallel.close()
     return r
 
 
 def report(results: list[dict]) -> str:
     rows = [[r["codec"], f"{r['audio_bytes']:,.0f}", f"{r['shard_bytes']:,.0f}", f"{r['shards_rate']:,.0f}",
-             f"{r['files']:,.0f}", f"{r['limit']:,.0f}",
-             f"{r['shards_rate'] / r['limit']:.2f} {verdict(r['shards_rate'] / r['limit'], TARGET_VS_LIMIT)}",
-             f"{r['shards_rate'] / r['files']:.2f} {verdict(r['shards_rate'] / r['files'], TARGET_VS_FILES)}"]
+             f"{r['files']:,.0f}", f"{r['limit']:,.0f}", f"{r['parallel']:,.0f}",
+             f"{ratio(r['shards_rate'] / r['limit'])} {verdict(r['shards_rate'] / r['limit'], TARGET_VS_LIMIT)}",
+             f"{ratio(r['shards_rate'] / r['files'])} {verdict(r['shards_rate'] / r['files'], TARGET_VS_FILES)}",
+             ratio(r['parallel'] / r['limit']), ratio(r['shards_rate'] / r['parallel'])]
             for r in results]
     return table(["codec", "audio B/clip", "shard B/clip", "shards clips/s", "per-file clips/s",
-                  "CPU limit clips/s", f"shards/limit (>={TARGET_VS_LIMIT})", f"shards/per-file (>={TARGET_VS_FILES})"],
+                  "CPU limit clips/s", "W loops at once clips/s", f"shards/limit (>={TARGET_VS_LIMIT})",
+                  f"shards/per-file (>={TARGET_VS_FILES})", "W loops/limit", "shards/W loops"],
                  rows)
 
 
@@ -259,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(report(results))
         print("\nper-file clips come from the page cache after the warm-up epoch (no disk reads); the CPU limit "
-              f"is one thread's clips/s on in-memory shard members x {args.workers}")
+              f"is one thread's clips/s on in-memory shard members x {args.workers}; 'W loops at once' runs that loop in "
+              f"{args.workers} processes at the same time (a reference for the machine's own scaling, not a target)")
         for r in results:
             print(f"{r['codec']}, no-op transform (the loaders' own cost: worker start-up, reading, "
                   f"shuffling, seeding, batching, IPC): shards {r['shards_noop']:,.0f} clips/s, "

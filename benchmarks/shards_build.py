@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from _common import (SINGLE_THREAD_ENV, CpuWitness, Workspace, best_of, build_supports_codec, run, startup_seconds,
-                     table, tone_noise, venv_bin, verdict)
+from _common import (SINGLE_THREAD_ENV, CpuWitness, Workspace, best_of, build_supports_codec, ratio, run,
+                     startup_seconds, table, tone_noise, venv_bin, verdict)
 
 TARGET_VS_LHOTSE, TARGET_VS_LIMIT = 1.5, 0.7
 RATES, CHANNELS = (44100, 22050), (1, 2)
@@ -249,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         print(report(results, len(files), audio_seconds))
         t_unfused, t_lhotse, t_limit = (results[k][0] for k in results)
         vs_lhotse, vs_limit = t_lhotse / t_unfused, t_limit / t_unfused
-        print(f"\nunfused / lhotse      = {vs_lhotse:.2f}  (target >= {TARGET_VS_LHOTSE})  "
+        print(f"\nunfused / lhotse      = {ratio(vs_lhotse)}  (target >= {TARGET_VS_LHOTSE})  "
               f"{verdict(vs_lhotse, TARGET_VS_LHOTSE)}")
-        print(f"unfused / codec limit = {vs_limit:.2f}  (target >= {TARGET_VS_LIMIT})  "
+        print(f"unfused / codec limit = {ratio(vs_limit)}  (target >= {TARGET_VS_LIMIT})  "
               f"{verdict(vs_limit, TARGET_VS_LIMIT)}")
 
         # Both CLI timings include the interpreter's start and imports; say how much that is.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import build_noise_dataset
 
-from unfused_dist.data.loader import LoaderStateError, ShardSource, ShardStream, make_loader
+from unfused_dist.data.loader import LoaderStateError, PositionRng, ShardSource, ShardStream, make_loader
 from unfused_dist.data.shards import ShardError
 
 
@@ -217,3 +217,18 @@ def test_workers_end_when_the_training_process_is_killed(tone_dataset):
     while any(_alive(p) for p in workers):
         assert time.monotonic() < deadline, f"DataLoader workers {workers} outlived their killed process"
         time.sleep(0.1)
+
+
+def test_position_rng_draws_depend_only_on_key_and_position():
+    """What exact resume rests on: a position's draws do not depend on the positions drawn before it, on
+    how much they drew, or on a reused generator; other positions and other keys draw differently."""
+    def draws(rng, position):
+        return rng.at(position).integers(1 << 62, size=6).tolist()
+
+    a = PositionRng(7, 1, 0, 1)
+    first = {p: draws(a, p) for p in range(50)}
+    b = PositionRng(7, 1, 0, 1)
+    b.at(3).standard_normal(1001)  # a long, odd-sized draw at another position leaves nothing behind
+    assert {p: draws(b, p) for p in reversed(range(50))} == first
+    assert len({tuple(v) for v in first.values()}) == 50
+    assert draws(PositionRng(7, 2, 0, 1), 0) != first[0] and draws(PositionRng(7, 1, 0, 0), 0) != first[0]

@@ -267,9 +267,7 @@ class ShardStream(IterableDataset):
         """Positions skip..quota-1 of the lane's sequence, transformed. Position j gets the first sample
         that decodes among j, j+1, ... (wrapping to the start): deterministic, so a resume that skips
         to j yields what an uninterrupted run yields, and every lane yields exactly `quota - skip` items."""
-        def rng(j: int) -> np.random.Generator:
-            return np.random.default_rng([self.seed, self.epoch, self.rank, lane, j])
-
+        rng = PositionRng(self.seed, self.epoch, self.rank, lane)
         pending: list[int] = []  # positions whose own sample was bad, waiting for the next good one
         for j, s in enumerate(samples()):
             if j >= quota and not pending:
@@ -278,7 +276,7 @@ class ShardStream(IterableDataset):
                 continue
             positions = pending + [j] if j < quota else pending
             try:
-                items = [self.transform(s, rng(p)) for p in positions]
+                items = [self.transform(s, rng.at(p)) for p in positions]
             except ShardError as e:
                 self._bad(s, e, lane)
                 if j < quota:
@@ -289,7 +287,7 @@ class ShardStream(IterableDataset):
         if pending:  # the lane's last samples were bad: wrap around to its first good one
             for s in samples():
                 try:
-                    items = [self.transform(s, rng(p)) for p in pending]
+                    items = [self.transform(s, rng.at(p)) for p in pending]
                 except ShardError:
                     continue
                 yield from items
@@ -318,11 +316,32 @@ class ShardStream(IterableDataset):
         if self.shuffle:
             samples = _buffer_shuffle(samples, self.shuffle_buffer,
                                       np.random.default_rng([self.seed, self.epoch, self.rank, lane]))
+        rng = PositionRng(self.seed, self.epoch, self.rank, lane)
         for j, s in enumerate(samples):
             try:
-                yield self.transform(s, np.random.default_rng([self.seed, self.epoch, self.rank, lane, j]))
+                yield self.transform(s, rng.at(j))
             except ShardError as e:
                 self._bad(s, e, lane)
+
+
+class PositionRng:
+    """A random generator for each position of a lane's epoch, deterministic in (seed, epoch, rank, lane,
+    position) whatever came before: so a resume that skips positions draws what an uninterrupted run draws.
+
+    Philox is counter-based: keyed by (seed, epoch, rank, lane) with the position in the counter's top word,
+    each position has its own stream of 2**192 blocks. Setting that state costs ~2 us, against ~20 us for
+    seeding a new default_rng per sample, which at thousands of clips/s per worker was 2 % of the worker.
+    `at` returns the same Generator object each time, re-positioned: use it within the call only."""
+
+    def __init__(self, *key: int):
+        self._bits = np.random.Philox(key=np.random.SeedSequence(list(key)).generate_state(2, np.uint64))
+        self._state = self._bits.state  # a copy: its counter is set per position, its buffer stays empty
+        self._generator = np.random.Generator(self._bits)
+
+    def at(self, position: int) -> np.random.Generator:
+        self._state["state"]["counter"][3] = position
+        self._bits.state = self._state
+        return self._generator
 
 
 def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator, initial: int = 64) -> Iterator:
