@@ -191,9 +191,9 @@ from unfused_dist.data.loader import ShardSource, ShardStream, make_loader
 from unfused_dist.data.transforms import CentreCrop
 stream = ShardStream(ShardSource(sys.argv[1]), CentreCrop(1600, 16000), seed=0, shuffle=True, workers=2,
                      batch_size=1)
-it = iter(make_loader(stream))
-next(it)
-print(*[w.pid for w in it._workers], flush=True)
+loader = make_loader(stream)
+next(iter(loader))
+print(*[w.pid for w in loader._iterator._workers], flush=True)
 time.sleep(600)
 """
 

@@ -17,9 +17,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..engine.preemption import ignore_in_workers
+from .batchpool import PooledLoader, collate, new_iteration
 from .manifest import DatasetManifest
 from .shards import RawSample, ShardError, iter_shard, iter_shard_with_labels
 
@@ -224,6 +225,7 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
+        new_iteration()
         self.epoch, self.batches_done = self._shared_position[:]  # in a worker: what set_position wrote last
         self.bad_count = 0
         # The DataLoader's round robin restarts at worker 0, but after n batches the next one is lane
@@ -376,14 +378,14 @@ def make_loader(stream: ShardStream, batch_size: int | None = None) -> DataLoade
     training = stream.batch_size is not None
     if stream.workers:
         _check_picklable(stream.transform)
-    return DataLoader(stream, batch_size=stream.batch_size if training else batch_size,
-                      num_workers=stream.workers, drop_last=training,
-                      persistent_workers=training and stream.workers > 0,
-                      collate_fn=_collate, worker_init_fn=_WorkerInit(os.getpid()),
-                      multiprocessing_context=WORKER_CONTEXT if stream.workers else None,
-                      # its own generator: a DataLoader otherwise draws its workers' seed from torch's global
-                      # RNG, and a resume (which starts a new DataLoader mid-epoch) would shift that stream
-                      generator=torch.Generator().manual_seed(stream.seed))
+    return PooledLoader(stream, batch_size=stream.batch_size if training else batch_size,
+                        num_workers=stream.workers, drop_last=training,
+                        persistent_workers=training and stream.workers > 0,
+                        collate_fn=collate, worker_init_fn=_WorkerInit(os.getpid()),
+                        multiprocessing_context=WORKER_CONTEXT if stream.workers else None,
+                        # its own generator: a DataLoader otherwise draws its workers' seed from torch's global
+                        # RNG, and a resume (which starts a new DataLoader mid-epoch) would shift that stream
+                        generator=torch.Generator().manual_seed(stream.seed))
 
 
 def _check_picklable(transform: Callable) -> None:
@@ -394,19 +396,3 @@ def _check_picklable(transform: Callable) -> None:
                          "start from a fork server and receive it pickled: make it a module-level function "
                          "or a dataclass with __call__ (see unfused_dist/data/transforms.py), or use "
                          "data.num_workers=0") from None
-
-
-def _collate(items: list) -> tuple:
-    """Items are tuples of (np.ndarray | int | str); stack arrays, tensor ints, list strings. Arrays are
-    stacked by torch's default_collate, which in a worker stacks straight into shared memory (stacking
-    first would cost one more copy of every batch on its way to the training process)."""
-    cols = list(zip(*items))
-    out = []
-    for col in cols:
-        if isinstance(col[0], np.ndarray):
-            out.append(default_collate([torch.from_numpy(a) for a in col]))
-        elif isinstance(col[0], (int, np.integer)):
-            out.append(torch.tensor(col, dtype=torch.long))
-        else:
-            out.append(list(col))
-    return tuple(out)
