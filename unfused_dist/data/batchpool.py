@@ -50,8 +50,8 @@ def new_iteration() -> None:
 
 @dataclass
 class Pooled:
-    """A batch column waiting in buffer `slot` of worker `pid`'s pool. The buffer travels with the slot's
-    first batch of an iteration and the pool's busy flags with the first batch of all; otherwise None."""
+    """A batch column waiting in buffer `slot` of worker `pid`'s pool. In each iteration the buffer travels
+    with the slot's first batch and the pool's busy flags with the worker's first batch; otherwise None."""
     pid: int
     slot: int
     buffer: torch.Tensor | None
@@ -62,7 +62,7 @@ class BatchPool:
     """One worker's batch buffers, in shared memory, and a busy flag for each (1: holds a batch the
     training process has not copied out yet)."""
     SLOTS = 32
-    PER_SHAPE = 6  # the DataLoader keeps at most prefetch_factor (2 by default) + 1 of a worker's batches
+    PER_SHAPE = 6  # a worker has at most prefetch_factor (2 by default) + 1 batches unconsumed
     _mine: BatchPool | None = None
 
     @classmethod
