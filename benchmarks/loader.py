@@ -124,11 +124,6 @@ def make_transform(logmel: bool) -> tuple[ClipWork, str]:
             "unfused_dist.data.transforms.train_transform")
 
 
-def collate(items: list[tuple]) -> tuple:
-    """Stack each column of numpy arrays into a tensor (what the project's loader does for arrays)."""
-    return tuple(torch.from_numpy(np.stack(col)) for col in zip(*items))
-
-
 class FileClips(Dataset):
     """Map-style per-file dataset: read one file, wrap it as the shard reader's RawSample, transform.
     Each clip's crop generator is the shard stream's kind (PositionRng), at (epoch, index)."""
@@ -188,7 +183,7 @@ def per_file_epochs(paths: list[Path], codec: str, transform, args):
     def one_epoch(epoch: int) -> int:
         dataset.epoch, dataset._rng = epoch, None  # set before the workers fork: each gets this epoch's copy
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                            drop_last=True, collate_fn=collate, generator=torch.Generator().manual_seed(epoch))
+                            drop_last=True, generator=torch.Generator().manual_seed(epoch))  # default_collate
         return drain(loader)
     return one_epoch
 

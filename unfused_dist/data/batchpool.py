@@ -6,9 +6,9 @@ the training process maps and faults it once more. Here each worker stacks its b
 it keeps (BatchPool); a buffer crosses to the training process once per iteration, and a batch after that
 is a few bytes naming the buffer. The training process copies the batch out and marks the buffer free
 (PooledLoader), so what it yields is the caller's to keep. When all of a worker's buffers of that shape
-are still unconsumed the batch goes torch's way instead: nothing ever waits on the pool. On 1 s log-mel clips
-this halved the loader's CPU cost above a bare decode + log-mel loop, from ~150 to ~70 us a clip
-(benchmarks/RESULTS.md).
+are still unconsumed the batch goes torch's way instead: nothing ever waits on the pool. With it,
+`benchmarks/loader.py` (1 s clips, log-mel, 2 workers) went from 0.65-0.84 to 0.81-0.93 of the CPU limit and
+from 0.86-1.05 to 1.01-1.17 of a per-file DataLoader (benchmarks/RESULTS.md).
 
 The pool is per worker process and learns of a new iteration from the dataset (`new_iteration()`, called
 by ShardStream.__iter__): then the DataLoader has dropped the last iteration's unconsumed batches, and the
