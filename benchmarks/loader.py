@@ -27,6 +27,7 @@ by epoch (a drifting machine speed then skews no ratio). The shards loader is ma
 persist across epochs, as in training; the per-file baseline is a plain DataLoader at torch's defaults
 (new workers each epoch, forked: ~10 ms each).
 Targets, per codec: shards / CPU limit >= 0.9, shards / per-file >= 1.0. Exit code 0 whatever the ratios.
+Also printed: the loaders' own cost (a no-op transform) and each shards worker's private memory after the run.
 """
 from __future__ import annotations
 
@@ -174,7 +175,22 @@ def shards_epochs(split_dir: Path, transform, args):
     def one_epoch(epoch: int) -> int:
         stream.set_position(epoch, 0)
         return drain(loader)
+    one_epoch.worker_private_mib = lambda: private_mib(loader)
     return one_epoch
+
+
+def private_mib(loader) -> float | None:
+    """Mean private memory (Private_Dirty: pages written since the fork, so no longer shared with the fork
+    server) of a persistent loader's workers, MiB; None without Linux's smaps_rollup. Reads the worker pids
+    from torch's iterator, which is private API: a benchmark may, the package does not."""
+    try:
+        sizes = []
+        for worker in loader._iterator._workers:
+            rollup = Path(f"/proc/{worker.pid}/smaps_rollup").read_text().splitlines()
+            sizes += [int(line.split()[1]) / 1024 for line in rollup if line.startswith("Private_Dirty:")]
+        return sum(sizes) / len(sizes) if sizes else None
+    except (OSError, AttributeError):
+        return None
 
 
 def per_file_epochs(paths: list[Path], codec: str, transform, args):
@@ -253,16 +269,18 @@ def measure_codec(codec: str, paths: list[Path], ws: Workspace, args, transform,
     r = {"codec": codec, "audio_bytes": np.mean([len(s.members[codec]) for s in samples]),
          "shard_bytes": sum(p.stat().st_size for p in split.glob("audio-*.tar")) / len(samples)}
     parallel = ParallelLimit(samples, transform, args.workers)
+    shards = shards_epochs(split, transform, args)
     try:
         r.update(interleaved_rates({
             "limit": cpu_limit_epochs(samples, transform, args.workers),
             "parallel": parallel,
-            "shards_rate": shards_epochs(split, transform, args),
+            "shards_rate": shards,
             "files": per_file_epochs(paths, codec, transform, args),
             # the loaders' own cost: the same epochs with nothing decoded or transformed
             "shards_noop": shards_epochs(split, noop, args),
             "files_noop": per_file_epochs(paths, codec, noop, args),
         }, args.epochs))
+        r["worker_mib"] = shards.worker_private_mib()
     finally:
         parallel.close()
     return r
@@ -309,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['codec']}, no-op transform (the loaders' own cost: worker start-up, reading, "
                   f"shuffling, seeding, batching, IPC): shards {r['shards_noop']:,.0f} clips/s, "
                   f"per-file {r['files_noop']:,.0f} clips/s")
+            if r["worker_mib"] is not None:
+                print(f"{r['codec']}, shards loader: {r['worker_mib']:,.0f} MiB private memory per worker after the "
+                      "run (Private_Dirty: written since the fork, no longer shared)")
         print(witness.line())
     return 0
 

@@ -1,5 +1,6 @@
 """Exact resume of the training stream: keys and crops after a resume are those of an uninterrupted run,
 the samples skipped are never decoded, and every rank and worker yields the same number of batches."""
+import gc
 import logging
 
 import numpy as np
@@ -183,6 +184,18 @@ def test_workers_start_from_a_fork_server_and_a_closure_transform_is_refused_cle
     with pytest.raises(ValueError, match="cannot be pickled.*data.num_workers=0"):
         make_loader(_stream(tone_dataset / "train", transform=closure))
     assert make_loader(_stream(tone_dataset / "train", transform=closure, workers=0)).num_workers == 0
+
+
+def _objects_frozen_here(sample, rng):
+    return (gc.get_freeze_count(),)
+
+
+def test_workers_freeze_what_they_inherit_out_of_the_collectors_reach(tone_dataset):
+    # Else the first full collection walks torch's ~170k objects in every worker and unshares their pages
+    counts = [int(n) for (batch,) in make_loader(_stream(tone_dataset / "train", transform=_objects_frozen_here))
+              for n in batch]
+    assert counts and min(counts) > 10_000
+    assert gc.get_freeze_count() == 0  # the training process itself is left alone
 
 
 _HOLD_A_LOADER = """
