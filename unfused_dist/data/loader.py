@@ -56,7 +56,7 @@ class _WorkerInit:
 
     It freezes the objects the worker inherited (torch, numpy, the fork server's preloads, ~170k of them)
     out of the garbage collector's reach: the first full collection would otherwise walk them all, ~90 ms
-    per worker, and write to every page that holds one, turning ~35 MB per worker from shared to private
+    per worker, and write to every page that holds one, turning ~30 MiB per worker from shared to private
     (measured in benchmarks/RESULTS.md, "Frozen inherited objects"). They live as long as the worker anyway.
 
     A worker's parent is the fork server, which lives as long as any of its children, so torch's own
