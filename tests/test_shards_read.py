@@ -94,6 +94,21 @@ def test_truncated_shard_is_a_clear_error(tone_dataset):
         list(iter_shard(shard))
 
 
+@pytest.mark.parametrize("offset, byte, reason", [(1024 + 5, b"X", "checksum is wrong"),
+                                                  (1024 + 150, b"9", "checksum or size is not a number")])
+def test_a_damaged_header_is_a_clear_error(tmp_path, offset, byte, reason):
+    """The second member's header (at 1024: header + one data block before it) with one byte changed: in
+    its name (the checksum no longer adds up), or a non-octal digit in its checksum field."""
+    path = tmp_path / "t.tar"
+    _write_tar(path, [("a.cls", b"1"), ("b.cls", b"2")])
+    assert [s.key for s in iter_shard(path)] == ["a", "b"]
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 1] = byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=rf"{path}: unreadable or truncated shard \(a header's {reason}"):
+        list(iter_shard(path))
+
+
 def test_corrupt_audio_member_names_shard_and_key(tone_dataset, tmp_path):
     split = tone_dataset / "train"
     shard = split / DatasetManifest.load(split).shards[0].name

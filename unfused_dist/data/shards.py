@@ -6,6 +6,7 @@ Only audio, JSON, text and integer members are ever decoded; a member with any o
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -87,6 +88,19 @@ class _Truncated(Exception):
 
 _BLOCK = 512
 _EMPTY = b"\0" * _BLOCK
+_ADLER_BASE = 65521
+
+
+def _octal(field: bytes) -> int:
+    return int(field.strip(b"\0 ") or b"0", 8)
+
+
+def _byte_sum_mod(header: bytes) -> int:
+    """The sum of a header's bytes, its checksum field counted as eight spaces, modulo 65521. zlib's Adler-32
+    keeps 1 + the sum of the bytes, mod 65521, in its low half, and computes it in C: ~0.4 us, against
+    ~2.6 us for Python's sum() over the 512 bytes. A header's sum is at most 130,560, so a damaged header
+    passes only if its sum is off by exactly 65,521."""
+    return ((zlib.adler32(header) & 0xFFFF) - 1 - sum(header[148:156]) + 8 * 32) % _ADLER_BASE
 
 
 def _tar_members(f) -> Iterator[tuple[str, bytes]]:
@@ -102,10 +116,12 @@ def _tar_members(f) -> Iterator[tuple[str, bytes]]:
             raise _Truncated("ends inside a header, or without the end-of-archive block")
         if header == _EMPTY:
             return
-        stored = int(header[148:156].strip(b"\0 ") or b"0", 8)
-        if stored != sum(header[:148]) + 256 + sum(header[156:]):  # the checksum field counts as spaces
+        try:
+            stored, size = _octal(header[148:156]), _octal(header[124:136])
+        except ValueError:
+            raise _Truncated("a header's checksum or size is not a number: not a tar header") from None
+        if stored % _ADLER_BASE != _byte_sum_mod(header):
             raise _Truncated("a header's checksum is wrong")
-        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
         data = f.read(size)
         if len(data) < size:
             raise _Truncated("a member is cut short")
