@@ -10,7 +10,8 @@ How a build runs (per split):
    again after an interrupted build writes only the missing shards;
 3. the manifest is written last, from the records; its presence marks the split complete.
 
-Bad inputs never stop a build: each becomes a line in OUT/<split>/rejected.jsonl and is counted.
+Bad inputs never stop a build: each becomes a line (path, reason, split) in OUT/<split>/rejected.jsonl and in
+OUT/rejected.jsonl (every split of this build), and is counted. Neither file exists when nothing was rejected.
 """
 
 from __future__ import annotations
@@ -80,8 +81,11 @@ def build(src: str | Path, out: str | Path, *, workers: int | None = None, shard
     opts = Options(sample_rate, codec, shard_samples, shard_mb, segment_seconds)
     command = command or f"shards_tools.build.build({str(src)!r})"
     with _Workers(workers or os.cpu_count() or 1) as pool:
-        return [_build_split(source, split, Path(out) / split, opts, pool, command, progress)
-                for split in source.splits()]
+        summaries = [_build_split(source, split, Path(out) / split, opts, pool, command, progress)
+                     for split in source.splits()]
+    _write_lines(Path(out) / REJECTED_NAME, [line for s in summaries if (p := s.directory / REJECTED_NAME).exists()
+                                             for line in p.read_text().splitlines(keepends=True)])
+    return summaries
 
 
 def _build_split(source: Source, split: str, directory: Path, opts: Options, pool: _Workers, command: str,
@@ -233,9 +237,14 @@ def _remove_stale(directory: Path, shards: set[str], planned: set[str]) -> None:
 
 
 def _write_rejected(path: Path, rejected: list[dict], split: str) -> None:
-    if rejected:
-        atomic_write_text(path, "".join(json.dumps({"path": r["path"], "reason": r["reason"], "split": split}) + "\n"
-                                        for r in rejected))
+    _write_lines(path, [json.dumps({"path": r["path"], "reason": r["reason"], "split": split}) + "\n"
+                        for r in rejected])
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    """Write the lines atomically; no lines: no file (so an old build's rejections never linger)."""
+    if lines:
+        atomic_write_text(path, "".join(lines))
     else:
         path.unlink(missing_ok=True)
 

@@ -1,7 +1,7 @@
 """`unfused-shards`: build, verify and inspect WebDataset audio shards.
 
 Exit codes:
-  build   0 all inputs built; 3 built, but some inputs were rejected (see OUT/<split>/rejected.jsonl);
+  build   0 all inputs built; 3 built, but some inputs were rejected (see OUT/rejected.jsonl);
           2 the source itself is unusable (missing, no path column, ...) or another build holds OUT;
           130 interrupted: the same command again writes only the shards still missing
   verify  0 every split matches its manifest; 1 a mismatch (one line per bad split, naming the shard);
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from shards_tools.sources import SourceError
 from unfused_dist.audio.io import CODECS, TARGET_SR
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(args: argparse.Namespace, argv: list[str]) -> int:
-    from shards_tools.build import build
+    from shards_tools.build import REJECTED_NAME, build
 
     positive = {"--shard-samples": args.shard_samples, "--shard-mb": args.shard_mb, "--workers": args.workers,
                 "--segment-seconds": args.segment_seconds, "--sample-rate": args.sample_rate}
@@ -82,7 +83,7 @@ def _build(args: argparse.Namespace, argv: list[str]) -> int:
         print(s.line())
     rejected = sum(s.rejected for s in summaries)
     if rejected:
-        print(f"{rejected} inputs rejected: see rejected.jsonl in each split folder (exit code 3)",
+        print(f"{rejected} inputs rejected: see {Path(args.out) / REJECTED_NAME} (exit code 3)",
               file=sys.stderr)
         return EXIT_REJECTED
     return EXIT_OK

@@ -78,10 +78,12 @@ def test_every_bad_kind_goes_to_rejected_jsonl_and_every_good_file_to_the_shards
     r = subprocess.run([str(CLI), "build", str(listing), str(tmp_path / "out"), "--workers", "2", "--shard-samples", "4",
                         "--quiet"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 3, r.stderr
-    assert f"{len(bad)} rejected" in r.stdout and "rejected.jsonl" in r.stderr
+    assert f"{len(bad)} rejected" in r.stdout and str(tmp_path / "out" / REJECTED_NAME) in r.stderr
     split = tmp_path / "out/train"
     rejected = {j["path"]: j["reason"] for j in map(json.loads, (split / REJECTED_NAME).read_text().splitlines())}
     assert set(rejected) == set(bad)
+    # OUT/rejected.jsonl: the same lines, for every split of the build
+    assert (tmp_path / "out" / REJECTED_NAME).read_text() == (split / REJECTED_NAME).read_text()
     for path, reason in bad.items():
         assert rejected[path].startswith(reason), (path, rejected[path])
     keys = [s.key for shard in DatasetManifest.load(split).shard_paths(split) for s in iter_shard(shard)]
@@ -89,6 +91,25 @@ def test_every_bad_kind_goes_to_rejected_jsonl_and_every_good_file_to_the_shards
     assert set(keys) == expected_good and len(keys) == len(expected_good)
     assert DatasetManifest.load(split).build.rejected == len(bad)
     verify_split(split)
+
+
+def test_out_rejected_jsonl_lists_every_splits_rejections_and_goes_once_none_are_left(tmp_path: Path) -> None:
+    src = tmp_path / "raw"
+    good = _good_corpus(src, 4)
+    (src / "junk.wav").write_bytes(b"not audio")
+    rows = [f"{good[0]},a,train", f"{good[1]},b,train", f"{good[2]},a,val", f"{good[3]},b,val",
+            "junk.wav,a,train", "gone.wav,b,val"]
+    listing = src / "list.csv"
+    listing.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert [s.rejected for s in build(listing, out, workers=1, progress=False)] == [1, 1]
+    lines = [json.loads(line) for line in (out / REJECTED_NAME).read_text().splitlines()]
+    assert [(r["path"], r["split"]) for r in lines] == [("junk.wav", "train"), ("gone.wav", "val")]
+    assert lines[0]["reason"].startswith("undecodable") and lines[1]["reason"] == "missing file"
+
+    listing.write_text("path,label,split\n" + "\n".join(rows[:4]) + "\n")
+    build(listing, out, workers=1, progress=False)
+    assert not (out / REJECTED_NAME).exists() and not (out / "train" / REJECTED_NAME).exists()
 
 
 def _records_mtimes(split: Path) -> dict[str, int]:
