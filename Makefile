@@ -28,6 +28,7 @@ bench: setup
 	@bash scripts/make_data.sh ci
 	$(PY) benchmarks/shards_build.py
 	$(PY) benchmarks/loader.py
+	$(PY) benchmarks/shard_reader.py
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/kmeans.py
 

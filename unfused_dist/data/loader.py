@@ -372,8 +372,8 @@ def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator, initia
 
 
 def _draws(rng: np.random.Generator, block: int = 1024) -> Iterator[int]:
-    """Random 62-bit integers, a block at a time: one numpy call per draw cost ~1.2 us, per item of every
-    shuffle; a block's tolist() costs ~0.1 us an item."""
+    """Random 62-bit integers, a block at a time: a numpy call per draw made the shuffle ~4x as costly per
+    item (benchmarks/shard_reader.py)."""
     while True:
         yield from rng.integers(0, 1 << 62, size=block).tolist()
 
