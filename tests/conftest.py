@@ -1,4 +1,6 @@
+import io
 import os
+import tarfile
 
 import pytest
 
@@ -89,22 +91,29 @@ def append_member():
     return append
 
 
+def read_tar(path) -> list[tuple[str, bytes]]:
+    """(name, payload) of every member of a tar, in order."""
+    with tarfile.open(path) as t:
+        return [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+
+
+def write_tar(path, members: list[tuple[str, bytes]]) -> None:
+    """Write (name, payload) members as regular files: to rebuild a shard with planted damage."""
+    with tarfile.open(path, "w") as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+
+
 @pytest.fixture
 def corrupt_audio():
     """Replace the audio member of the i-th sample of a shard with a FLAC header and garbage; returns its key."""
-    import io
-    import tarfile
-
     def corrupt(tar_path, index: int) -> str:
-        with tarfile.open(tar_path) as t:
-            members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+        members = read_tar(tar_path)
         audio = [i for i, (name, _) in enumerate(members) if name.endswith((".flac", ".wav"))][index]
         members[audio] = (members[audio][0], b"fLaC" + b"\x00" * 64)
-        with tarfile.open(tar_path, "w") as t:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                t.addfile(info, io.BytesIO(data))
+        write_tar(tar_path, members)
         return members[audio][0].split(".")[0]
     return corrupt
 

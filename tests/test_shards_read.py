@@ -1,26 +1,15 @@
 import io
+import signal
 import tarfile
 
 import numpy as np
 import pytest
+from conftest import read_tar, write_tar
 
 from unfused_dist.cluster.labels import write_label_shards
 from unfused_dist.data.loader import ShardSource, ShardStream, assign_shards, label_shard_name
 from unfused_dist.data.manifest import DatasetManifest
 from unfused_dist.data.shards import LabelAlignmentError, ShardError, iter_shard
-
-
-def _read_tar(path):
-    with tarfile.open(path) as t:
-        return [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
-
-
-def _write_tar(path, members):
-    with tarfile.open(path, "w") as t:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
 
 
 def _keys(split_dir):
@@ -63,15 +52,15 @@ def test_label_shards_align_and_a_mismatch_names_both_shards(tone_dataset, tmp_p
     # Swap two keys inside the first label shard: the reader must refuse and name both shards.
     first = DatasetManifest.load(split).shards[0].name
     shard = labels / label_shard_name(first)
-    members = _read_tar(shard)
-    _write_tar(shard, members[2:4] + members[0:2] + members[4:])
+    members = read_tar(shard)
+    write_tar(shard, members[2:4] + members[0:2] + members[4:])
     with pytest.raises(LabelAlignmentError) as e:
         list(ShardSource(split, labels_dir=labels).iter_shard(0))
     assert str(shard) in str(e.value) and str(split / first) in str(e.value)
 
 
 @pytest.mark.parametrize("ext", ["pyd", "pickle"])
-def test_a_pickle_member_is_refused_not_loaded(tone_dataset, append_member, tmp_path, ext):
+def test_a_pickle_member_is_refused_not_loaded(tone_dataset, append_member, tmp_path, ext, caplog):
     split = tone_dataset / "train"
     shard = split / DatasetManifest.load(split).shards[0].name
     marker = tmp_path / "pwned"
@@ -79,9 +68,15 @@ def test_a_pickle_member_is_refused_not_loaded(tone_dataset, append_member, tmp_
     append_member(shard, f"evil.{ext}", payload)
     with pytest.raises(ShardError, match=rf"{shard}: member 'evil.{ext}' is not audio/json/text/int"):
         list(iter_shard(shard))
-    stream = ShardStream(ShardSource(split), lambda s, rng: s.key, seed=0, shuffle=False, workers=0)
+    stream = ShardStream(ShardSource(split), lambda s, rng: s.key, seed=0, shuffle=False, workers=0,
+                         bad_samples="fail")
     with pytest.raises(ShardError, match=rf"member 'evil.{ext}'"):
         list(stream)
+    # skipping bad samples: the shard's samples before the member still arrive, and the refusal is logged
+    caplog.clear()
+    skipping = ShardStream(ShardSource(split), lambda s, rng: s.key, seed=0, shuffle=False, workers=0)
+    assert len(list(skipping)) == sum(ShardSource(split).counts)
+    assert f"{shard}: member 'evil.{ext}' is not audio/json/text/int" in caplog.text
     assert not marker.exists()
 
 
@@ -100,7 +95,7 @@ def test_a_damaged_header_is_a_clear_error(tmp_path, offset, byte, reason):
     """The second member's header (at 1024: header + one data block before it) with one byte changed: in
     its name (the checksum no longer adds up), or a non-octal digit in its checksum field."""
     path = tmp_path / "t.tar"
-    _write_tar(path, [("a.cls", b"1"), ("b.cls", b"2")])
+    write_tar(path, [("a.cls", b"1"), ("b.cls", b"2")])
     assert [s.key for s in iter_shard(path)] == ["a", "b"]
     data = bytearray(path.read_bytes())
     data[offset:offset + 1] = byte
@@ -112,10 +107,10 @@ def test_a_damaged_header_is_a_clear_error(tmp_path, offset, byte, reason):
 def test_corrupt_audio_member_names_shard_and_key(tone_dataset, tmp_path):
     split = tone_dataset / "train"
     shard = split / DatasetManifest.load(split).shards[0].name
-    members = _read_tar(shard)
+    members = read_tar(shard)
     bad_key = members[0][0].split(".")[0]
     members[0] = (members[0][0], b"fLaC" + b"\x00" * 64)  # a FLAC header with garbage behind it
-    _write_tar(shard, members)
+    write_tar(shard, members)
     sample = next(iter_shard(shard))
     with pytest.raises(ShardError, match=rf"{shard}: sample '{bad_key}' cannot be decoded"):
         sample.audio(16000)
@@ -131,8 +126,8 @@ def test_verify_checks_label_shards_and_stats_reports_durations_and_rates(tone_d
     write_label_shards(split, labels, keys, np.arange(len(keys)) % 3, np.zeros(len(keys)))
     verify_split(split)
     shard = labels / label_shard_name(DatasetManifest.load(split).shards[1].name)
-    members = _read_tar(shard)
-    _write_tar(shard, members[:-2])  # the last sample's label is gone
+    members = read_tar(shard)
+    write_tar(shard, members[:-2])  # the last sample's label is gone
     with pytest.raises(VerifyError, match=rf"{shard}: position 2 has key None"):
         verify_split(split)
     shard.unlink()
@@ -157,3 +152,70 @@ def test_the_reader_handles_long_names_in_every_tar_format(tmp_path, fmt):
     samples = list(iter_shard(path))
     assert [(s.key, sorted(s.members)) for s in samples] == [(key, ["cls", "json"]), ("other", ["cls"])]
     assert samples[0].cls() == 3 and samples[0].meta() == {"a": 1}
+
+
+def _tar_bytes(members, fmt=tarfile.GNU_FORMAT) -> bytes:
+    """members: (name, payload) for regular files, (name, None, kind) for links and folders."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as t:
+        for name, data, *kind in members:
+            info = tarfile.TarInfo(name)
+            if kind:
+                info.type, info.linkname = kind[0], "target"
+            else:
+                info.size = len(data)
+            t.addfile(info, io.BytesIO(data) if data is not None else None)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.DIRTYPE])
+def test_a_long_name_on_a_link_or_folder_names_nothing_after_it(tmp_path, fmt, kind):
+    path = tmp_path / "t.tar"
+    path.write_bytes(_tar_bytes([("s" * 150, None, kind), ("a.cls", b"1"), ("a.json", b"{}")], fmt))
+    assert [(s.key, sorted(s.members)) for s in iter_shard(path)] == [("a", ["cls", "json"])]
+
+
+def _with_pax_record(record: bytes) -> bytes:
+    """A tar whose first member carries a PAX header of exactly `record`, its checksum valid."""
+    data = bytearray(_tar_bytes([("a.cls", b"1")], tarfile.PAX_FORMAT))
+    header = bytearray(512)
+    header[:9] = b"PaxHeader"
+    header[124:136] = b"%011o\0" % len(record)
+    header[156:157], header[257:265] = b"x", b"ustar\x0000"
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    block = bytes(header) + record + b"\0" * (-len(record) % 512)
+    return block + bytes(data)
+
+
+@pytest.mark.parametrize("record", [b"0 mtime=1\n", b"garbage\n", b"99 path=a.cls\n"])
+def test_a_malformed_pax_header_is_a_clear_error_not_a_hang(tmp_path, record):
+    path = tmp_path / "t.tar"
+    path.write_bytes(_with_pax_record(record))
+    def hung(*_):
+        raise TimeoutError("still parsing after 20 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)  # a record that does not move the parser on used to loop for ever
+    try:
+        with pytest.raises(ShardError, match=rf"{path}: unreadable or truncated shard \(a PAX header's records"):
+            list(iter_shard(path))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_size_field_past_the_end_of_the_file_is_a_clear_error(tmp_path):
+    """A header with a valid checksum claiming 8 GiB: refused before anything is read (it used to ask for
+    8 GiB at once)."""
+    data = bytearray(_tar_bytes([("a.cls", b"1"), ("b.cls", b"2")]))
+    header = data[512 * 2: 512 * 3]  # the second member's header
+    header[124:136] = b"%011o\0" % (8 << 30)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    data[512 * 2: 512 * 3] = header
+    path = tmp_path / "t.tar"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=rf"{path}: unreadable or truncated shard \(a member runs past the end"):
+        list(iter_shard(path))

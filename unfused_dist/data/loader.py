@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import hashlib
 import logging
 import multiprocessing as mp
 import os
@@ -113,25 +114,29 @@ class ShardSource:
     split_dir: Path
     labels_dir: Path | None = None
     keys: frozenset[str] | None = None
-    counts: list[int] | None = None  # samples kept per shard when `keys` is set
+    counts: list[int] | None = None  # samples kept per shard: required with `keys`
 
     def __post_init__(self):
         self.split_dir = Path(self.split_dir)
         self.manifest = DatasetManifest.load(self.split_dir)
         if self.counts is None:
+            if self.keys is not None:
+                raise ValueError("ShardSource: `counts` (the kept samples per shard) must come with `keys`: the "
+                                 "stream's positions are computed from them")
             self.counts = [s.num_samples for s in self.manifest.shards]
 
+    def path(self, index: int) -> Path:
+        return self.split_dir / self.manifest.shards[index].name
+
     def iter_shard(self, index: int) -> Iterator[RawSample]:
-        """Samples of one shard (restricted to `keys`), with `label_id` set from the manifest's vocabulary."""
-        name = self.manifest.shards[index].name
-        audio = self.split_dir / name
+        """Samples of one shard (restricted to `keys`), knowing the manifest's label vocabulary."""
+        audio = self.path(index)
         samples = (iter_shard(audio) if self.labels_dir is None
-                   else iter_shard_with_labels(audio, self.labels_dir / label_shard_name(name)))
-        vocab = self.manifest.label_index
+                   else iter_shard_with_labels(audio, self.labels_dir / label_shard_name(audio.name)))
+        vocab = self.manifest.label_index or None
         for s in samples:
             if self.keys is None or s.key in self.keys:
-                if vocab:
-                    s.label_id = vocab.get(s.meta().get("label"), -1)
+                s.vocab = vocab
                 yield s
 
 
@@ -146,6 +151,9 @@ class ShardSubset:
         self.split_dir, self.manifest = self.parent.split_dir, self.parent.manifest
         self.counts = [self.parent.counts[i] for i in self.indices]
 
+    def path(self, index: int) -> Path:
+        return self.parent.path(self.indices[index])
+
     def iter_shard(self, index: int) -> Iterator[RawSample]:
         return self.parent.iter_shard(self.indices[index])
 
@@ -158,9 +166,10 @@ class ShardStream(IterableDataset):
     """Yields transform(sample, rng) for this rank's and this worker's part of one epoch.
 
     Training mode (`batch_size` set): the shards, in an order shuffled by (seed, epoch), are read as one
-    sequence of samples and every lane (a DataLoader worker of a rank) takes its own contiguous range of
-    it, of exactly `batches_per_lane()` full batches; the remainder (under one batch per lane) waits for
-    another epoch's order. So every rank steps together, an epoch delivers each sample at most once, and
+    circular sequence of samples, and every lane (a DataLoader worker of a rank) takes its own contiguous
+    range of it, of exactly `batches_per_lane()` full batches, the ranges starting at an offset drawn by
+    (seed, epoch); the remainder (under one batch per lane) is thus a different run of samples each epoch,
+    even with a single shard. So every rank steps together, an epoch delivers each sample at most once, and
     the DataLoader's in-order round robin over lanes is exact. The position in an epoch is one number,
     the batches consumed; resuming from it skips the samples already delivered without decoding them.
     Each sample's `rng` is seeded by its place in the epoch, so crops after a resume equal those of an
@@ -168,7 +177,10 @@ class ShardStream(IterableDataset):
     (seed, epoch, rank, lane): for datasets with fewer shards than ranks x workers.
 
     A sample that fails to decode (ShardError) is logged by shard and key and, with bad_samples="skip",
-    replaced by the next good sample of the lane (so batch counts stay equal); "fail" re-raises it.
+    replaced by the next good sample of the lane (so batch counts stay equal); "fail" re-raises it. A shard
+    that cannot be read to the end of the lane's range (truncated, a refused member, labels out of line, or
+    fewer samples than its manifest says) is logged once, and with "skip" each sample it could not give is
+    counted as bad and replaced the same way.
 
     Evaluation mode (`batch_size` None): every sample once, in shard order when `shuffle` is off."""
 
@@ -199,9 +211,13 @@ class ShardStream(IterableDataset):
         self._shared_position[:] = [epoch, batches_done]
 
     def layout(self) -> dict:
-        """What must not change for a resume to be exact."""
+        """What must not change for a resume to be exact: everything that decides which sample lands where.
+        (The shards' content is not in it: re-encoded shards with the same keys and counts resume exactly.)"""
+        sizes = hashlib.sha256(",".join(map(str, self.source.counts)).encode()).hexdigest()[:12]
         return {"world": self.world, "workers": self.workers, "batch_size": self.batch_size, "seed": self.seed,
-                "shards": len(self.source.counts), "resampled": self.resampled}
+                "shards": len(self.source.counts), "samples": sum(self.source.counts), "shard_sizes": sizes,
+                "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer if self.shuffle else None,
+                "resampled": self.resampled}
 
     def state_dict(self) -> dict:
         return {**self.layout(), "epoch": self.epoch, "batches_done": self.batches_done}
@@ -255,24 +271,76 @@ class ShardStream(IterableDataset):
 
         yield from self._deliver(samples, quota, mine * self.batch_size, lane)
 
-    def _range(self, lane: int, quota: int) -> Iterator[RawSample]:
-        """This lane's contiguous range of the epoch's sample sequence (shards in shuffled order)."""
-        order = np.arange(len(self.source.counts))
+    def _range(self, lane: int, quota: int) -> Iterator[RawSample | _Unread]:
+        """This lane's contiguous range of the epoch's circular sample sequence (shards in shuffled order)."""
+        counts = self.source.counts
+        order, offset = np.arange(len(counts)), 0
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
-        start = (self.rank * self.lanes + lane) * quota
-        stop, pos = start + quota, 0
-        for i in order:
-            n = self.source.counts[i]
-            if pos < stop and pos + n > start:
-                yield from islice(self.source.iter_shard(int(i)), max(0, start - pos), min(n, stop - pos))
-            pos += n
+            rng = np.random.default_rng([self.seed, self.epoch])
+            order, offset = rng.permutation(order), int(rng.integers(sum(counts)))
+        for start, stop in _circular(offset + (self.rank * self.lanes + lane) * quota, quota, sum(counts)):
+            pos = 0
+            for i in order:
+                n = counts[i]
+                if pos < stop and pos + n > start:
+                    yield from self._shard_range(int(i), max(0, start - pos), min(n, stop - pos), lane)
+                pos += n
+
+    def _shard_range(self, index: int, lo: int, hi: int, lane: int) -> Iterator[RawSample | _Unread]:
+        """Samples lo..hi-1 of a shard, read to its end only when hi is its manifest count, and then checked
+        to hold no more. What stops it short (a ShardError, or fewer samples than the manifest says) fails the
+        run with bad_samples="fail"; with "skip" it is logged once and each position it could not fill gets
+        an _Unread, a bad sample for _deliver: positions stay where the manifest puts them."""
+        n, read = self.source.counts[index], 0
+        try:
+            for j, s in enumerate(self.source.iter_shard(index)):
+                if j == n:
+                    raise ShardError(f"{self.source.path(index)}: holds more samples than the {n} its manifest "
+                                     "lists; run `unfused-shards verify` and rebuild it")
+                if j >= lo:
+                    yield s
+                read = j + 1
+                if read == hi < n:
+                    return
+            if read < hi:
+                raise ShardError(f"{self.source.path(index)}: ends after {read} samples where its manifest lists "
+                                 f"{n}; run `unfused-shards verify` and rebuild it")
+        except ShardError as e:
+            missing = hi - max(read, lo)
+            self._unreadable(e, lane, missing)
+            yield from (_Unread(e) for _ in range(missing))
+
+    def _unreadable(self, error: ShardError, lane: int, missing: int | None) -> None:
+        """A shard that stopped short: `missing` positions of the lane's range it did not fill (None: the
+        mode has no positions, and the rest of the shard is skipped)."""
+        if self.bad_samples == "fail":
+            raise error
+        lost = ("the rest of the shard is skipped" if missing is None else "no sample was lost" if missing == 0
+                else f"{missing} of this worker's samples from it count as bad and are replaced")
+        log.warning("rank %d worker %d: %s; %s (set data.bad_samples=fail to stop instead)",
+                    self.rank, lane, error, lost)
+
+    def _readable(self, index: int, lane: int) -> Iterator[RawSample]:
+        """A whole shard, for the modes without positions (resampled, evaluation): with bad_samples="skip" a
+        shard that cannot be read to its end gives what it can and is logged."""
+        try:
+            yield from self.source.iter_shard(index)
+        except ShardError as e:
+            self._unreadable(e, lane, None)
 
     def _resampled(self, lane: int) -> Iterator[RawSample]:
         """Whole shards drawn with replacement, for ever (the caller stops)."""
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, lane, 1])
-        while True:
-            yield from self.source.iter_shard(int(rng.integers(len(self.source.counts))))
+        empty: set[int] = set()  # shards that gave nothing: when all have, drawing more would loop for ever
+        while len(empty) < len(self.source.counts):
+            index, gave = int(rng.integers(len(self.source.counts))), False
+            for s in self._readable(index, lane):
+                gave = True
+                yield s
+            if not gave:
+                empty.add(index)
+        raise ShardError(f"{self.source.split_dir}: rank {self.rank} worker {lane} found no readable sample in any "
+                         "shard; run `unfused-shards verify`")
 
     def _deliver(self, samples: Callable[[], Iterator[RawSample]], quota: int, skip: int, lane: int):
         """Positions skip..quota-1 of the lane's sequence, transformed. Position j gets the first sample
@@ -287,6 +355,8 @@ class ShardStream(IterableDataset):
                 continue
             positions = pending + [j] if j < quota else pending
             try:
+                if isinstance(s, _Unread):
+                    raise s.error
                 items = [self.transform(s, rng.at(p)) for p in positions]
             except ShardError as e:
                 self._bad(s, e, lane)
@@ -298,6 +368,8 @@ class ShardStream(IterableDataset):
         if pending:  # the lane's last samples were bad: wrap around to its first good one
             for s in samples():
                 try:
+                    if isinstance(s, _Unread):
+                        raise s.error
                     items = [self.transform(s, rng.at(p)) for p in pending]
                 except ShardError:
                     continue
@@ -306,12 +378,14 @@ class ShardStream(IterableDataset):
             raise ShardError(f"{self.source.split_dir}: rank {self.rank} worker {lane} found no sample it "
                              "could decode in its shards; run `unfused-shards verify`")
 
-    def _bad(self, sample: RawSample, error: ShardError, lane: int) -> None:
+    def _bad(self, sample: RawSample | _Unread, error: ShardError, lane: int) -> None:
         if self.bad_samples == "fail":
             raise error
         self.bad_count += 1
         with self.bad_total.get_lock():
             self.bad_total.value += 1
+        if isinstance(sample, _Unread):
+            return  # its shard was logged once, by _unreadable
         log.warning("skipping a bad sample (%d this epoch in rank %d worker %d): %s; set data.bad_samples=fail "
                     "to stop instead", self.bad_count, self.rank, lane, error)
 
@@ -323,7 +397,7 @@ class ShardStream(IterableDataset):
 
     def _evaluation(self, lane: int):
         plan = assign_shards(len(self.source.counts), self.seed, self.epoch, self.world, self.lanes, self.shuffle)
-        samples = (s for i in plan[self.rank][lane] for s in self.source.iter_shard(i))
+        samples = (s for i in plan[self.rank][lane] for s in self._readable(i, lane))
         if self.shuffle:
             samples = _buffer_shuffle(samples, self.shuffle_buffer,
                                       np.random.default_rng([self.seed, self.epoch, self.rank, lane]))
@@ -333,6 +407,21 @@ class ShardStream(IterableDataset):
                 yield self.transform(s, rng.at(j))
             except ShardError as e:
                 self._bad(s, e, lane)
+
+
+@dataclass(frozen=True)
+class _Unread:
+    """A position of a lane's range whose sample its shard could not give."""
+    error: ShardError
+
+
+def _circular(start: int, length: int, total: int) -> list[tuple[int, int]]:
+    """[start, start + length) of a circular sequence of `total` items (length <= total), as at most two
+    ranges of positions."""
+    start %= total
+    if start + length <= total:
+        return [(start, start + length)]
+    return [(start, total), (0, start + length - total)]
 
 
 class PositionRng:

@@ -6,6 +6,7 @@ Only audio, JSON, text and integer members are ever decoded; a member with any o
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,14 @@ class RawSample:
     key: str
     shard: str
     members: dict[str, bytes] = field(default_factory=dict)
-    label_id: int = -1  # filled by readers that map the JSON label to the manifest's vocabulary
+    vocab: dict[str, int] | None = None  # the manifest's label vocabulary, set by readers that know it
+
+    @property
+    def label_id(self) -> int:
+        """The JSON label's index in `vocab` (-1 without a vocabulary or for a label outside it). Parsed when
+        asked for, not when read: a sample that is never delivered is never parsed, and unreadable JSON fails
+        where a bad decode does, inside the stream's bad-sample handling."""
+        return self.vocab.get(self.meta().get("label"), -1) if self.vocab else -1
 
     def meta(self) -> dict[str, Any]:
         try:
@@ -65,15 +73,16 @@ def iter_shard(path: str | Path) -> Iterator[RawSample]:
     current: RawSample | None = None
     try:
         with open(path, "rb", buffering=1 << 20) as f:
-            for fname, data in _tar_members(f):
+            for fname, data in _tar_members(f, os.fstat(f.fileno()).st_size):
                 base, dot, ext = fname.rpartition("/")[2].partition(".")
+                key = fname[: len(fname) - len(ext) - 1] if dot else fname
+                if current is not None and current.key != key:
+                    yield current  # complete: a sample's members are consecutive
+                    current = None
                 if not dot or ext not in SAFE_EXTENSIONS:
                     raise ShardError(f"{path}: member '{fname}' is not audio/json/text/int; refusing to "
                                      "decode it (shards never carry pickles or code)")
-                key = fname[: len(fname) - len(ext) - 1]
-                if current is None or current.key != key:
-                    if current is not None:
-                        yield current
+                if current is None:
                     current = RawSample(key=key, shard=path)
                 current.members[ext] = data
     except (_Truncated, OSError) as e:
@@ -103,14 +112,15 @@ def _byte_sum_mod(header: bytes) -> int:
     return ((zlib.adler32(header) & 0xFFFF) - 1 - sum(header[148:156]) + 8 * 32) % _ADLER_BASE
 
 
-def _tar_members(f) -> Iterator[tuple[str, bytes]]:
+def _tar_members(f, file_size: int) -> Iterator[tuple[str, bytes]]:
     """(name, payload) of every regular member of a ustar/PAX/GNU tar, read block by block.
 
     Hand-rolled rather than tarfile/webdataset: reading the header fields directly costs a quarter or less of
     what tarfile does per member (benchmarks/shard_reader.py), which matters at thousands of clips per second per
-    worker. Checksums are verified, and a file that ends before its end-of-archive block counts as
-    truncated."""
-    long_name = None
+    worker. Checksums are verified, a file that ends before its end-of-archive block counts as truncated, and
+    a size field is checked against the file's size before anything is read (a damaged one could ask for
+    gigabytes)."""
+    long_name, pos = None, 0
     while True:
         header = f.read(_BLOCK)
         if len(header) < _BLOCK:
@@ -123,6 +133,9 @@ def _tar_members(f) -> Iterator[tuple[str, bytes]]:
             raise _Truncated("a header's checksum or size is not a number: not a tar header") from None
         if stored % _ADLER_BASE != _byte_sum_mod(header):
             raise _Truncated("a header's checksum is wrong")
+        pos += _BLOCK + size + -size % _BLOCK
+        if pos > file_size:
+            raise _Truncated("a member runs past the end of the file")
         data = f.read(size)
         if len(data) < size:
             raise _Truncated("a member is cut short")
@@ -135,6 +148,7 @@ def _tar_members(f) -> Iterator[tuple[str, bytes]]:
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
             continue
         if kind not in (b"0", b"\0"):
+            long_name = None  # a long name for a directory or link names nothing after it
             continue  # directories, links, global headers: no sample data
         if long_name is None:
             name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
@@ -151,8 +165,11 @@ def _pax_path(data: bytes) -> str | None:
     """The `path` record of a PAX extended header ("<length> path=<value>\\n" records)."""
     pos = 0
     while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
+        space = data.find(b" ", pos)
+        digits = data[pos:space] if space > pos else b""
+        length = int(digits) if digits.isdigit() and len(digits) <= 20 else 0
+        if length <= len(digits) + 1 or pos + length > len(data):  # each record must move pos on
+            raise _Truncated("a PAX header's records are malformed")
         key, _, value = data[space + 1: pos + length - 1].partition(b"=")
         if key == b"path":
             return value.decode("utf-8", "surrogateescape")
