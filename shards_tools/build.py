@@ -27,7 +27,9 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
-from multiprocessing import Pool, SimpleQueue
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import SimpleQueue
 from pathlib import Path
 
 from tqdm import tqdm
@@ -41,6 +43,8 @@ from unfused_dist.data.shardwriter import TarShard
 
 REJECTED_NAME = "rejected.jsonl"
 RECORDS_DIR = ".build"
+# Rejections that say nothing of the file's content: a shard holding one is written again by the next run
+_RETRIED_REASONS = ("missing file", "unreadable:")
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ def build(src: str | Path, out: str | Path, *, workers: int | None = None, shard
     if codec not in CODECS:
         raise SourceError(f"codec {codec!r} is not one of {', '.join(CODECS)}")
     source = read_source(src, labels_from_dirs=labels_from_dirs)
+    _check_out(Path(out), source.splits())
     opts = Options(sample_rate, codec, shard_samples, shard_mb, segment_seconds)
     command = command or f"shards_tools.build.build({str(src)!r})"
     with _Workers(workers or os.cpu_count() or 1) as pool:
@@ -86,6 +91,24 @@ def build(src: str | Path, out: str | Path, *, workers: int | None = None, shard
     _write_lines(Path(out) / REJECTED_NAME, [line for s in summaries if (p := s.directory / REJECTED_NAME).exists()
                                              for line in p.read_text().splitlines(keepends=True)])
     return summaries
+
+
+def _check_out(out: Path, splits: list[str]) -> None:
+    """OUT must be a folder we can write, holding no split of another dataset: a split left from a build of
+    another source would pass for part of this one (its labels, its clips) in every later stage."""
+    if out.exists() and not out.is_dir():
+        raise SourceError(f"{out}: exists and is not a folder; give a folder (new or from an earlier build) for OUT")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SourceError(f"{out}: cannot create it ({e.strerror}); choose a folder you can write") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise SourceError(f"{out}: not writable; choose a folder you can write")
+    foreign = sorted(d.name for d in out.iterdir() if d.is_dir() and d.name not in splits
+                     and ((d / MANIFEST_NAME).exists() or (d / RECORDS_DIR).exists()))
+    if foreign:
+        raise SourceError(f"{out}: holds split(s) {', '.join(foreign)} that SRC does not have (another dataset's "
+                          "build?); remove them or build into another folder")
 
 
 def _build_split(source: Source, split: str, directory: Path, opts: Options, pool: _Workers, command: str,
@@ -212,12 +235,16 @@ def encode_entry(e: Entry, opts: Options) -> tuple[bytes, bytes, float] | str:
 
 
 def _load_record(directory: Path, plan: ShardPlan) -> dict | None:
-    """The record of a shard written earlier from exactly this plan, if its tar is still intact."""
+    """The record of a shard written earlier from exactly this plan, if its tar is still intact and none of
+    its files was refused for a reason the user may have fixed since without touching the file (permissions,
+    a missing file put back): a fingerprint sees neither."""
     try:
         record = json.loads((directory / RECORDS_DIR / f"{plan.name}.json").read_text())
     except (OSError, ValueError):
         return None
     if record.get("fingerprint") != plan.fingerprint:
+        return None
+    if any(r["reason"].startswith(_RETRIED_REASONS) for r in record["rejected"]):
         return None
     if record["shard"] is not None:
         tar = directory / plan.name
@@ -249,8 +276,13 @@ def _write_lines(path: Path, lines: list[str]) -> None:
         path.unlink(missing_ok=True)
 
 
+_HELD_LOCKS: set[int] = set()  # file descriptors of the split locks this process holds
+
+
 class _exclusive:
-    """Hold an exclusive lock on a split dir, so two builds never write the same shards."""
+    """Hold an exclusive lock on a split dir, so two builds never write the same shards. A worker forked
+    while a lock is held closes its copy (_init_worker): a worker outliving a killed build by a moment
+    must not keep the split locked against the run that resumes it."""
 
     def __init__(self, lock: Path, directory: Path) -> None:
         self.lock, self.directory = lock, directory
@@ -263,8 +295,10 @@ class _exclusive:
             os.close(self.fd)
             raise SourceError(f"{self.directory}: another `unfused-shards build` is writing this split; "
                               "wait for it to finish (or stop it) and run the command again") from None
+        _HELD_LOCKS.add(self.fd)
 
     def __exit__(self, *exc) -> None:
+        _HELD_LOCKS.discard(self.fd)
         os.close(self.fd)
 
 
@@ -272,6 +306,9 @@ class _exclusive:
 
 def _init_worker(queue) -> None:
     global _report
+    for fd in _HELD_LOCKS:
+        os.close(fd)
+    _HELD_LOCKS.clear()
     _report = lambda clips, seconds: queue.put((clips, seconds))  # noqa: E731
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _die_with_parent()
@@ -287,8 +324,17 @@ def _die_with_parent() -> None:
             os._exit(1)
 
 
+class WorkerDied(SourceError):
+    """A worker process ended without a result (killed: out of memory, or a decoder crash)."""
+
+
 class _Workers:
-    """A process pool (or, with one worker, this process) whose workers report progress on a queue."""
+    """A process pool (or, with one worker, this process) whose workers report progress on a queue.
+
+    A concurrent.futures pool, not multiprocessing.Pool: when a worker dies (the OOM killer, a decoder that
+    crashes on a file), multiprocessing.Pool waits for its result for ever; this one fails the tasks still
+    out, and the build stops with WorkerDied. The shards finished by then keep their records, so running
+    the same command again writes only the rest."""
 
     def __init__(self, n: int) -> None:
         self.n = max(1, n)
@@ -297,22 +343,38 @@ class _Workers:
 
     def __enter__(self) -> _Workers:
         if self.n > 1:
-            self._pool = Pool(self.n, initializer=_init_worker, initargs=(self.queue,))
+            self._pool = ProcessPoolExecutor(self.n, initializer=_init_worker, initargs=(self.queue,))
         else:
             global _report
             _report = lambda clips, seconds: self.queue.put((clips, seconds))  # noqa: E731
         return self
 
     def imap(self, fn, items, chunksize: int = 1):
-        return self._pool.imap(fn, items, chunksize=chunksize) if self._pool else map(fn, items)
+        if not self._pool:
+            return map(fn, items)
+        return self._unbroken(self._pool.map(fn, items, chunksize=chunksize), "surveying the source files")
 
     def imap_unordered(self, fn, items):
-        return self._pool.imap_unordered(fn, items) if self._pool else map(fn, items)
+        if not self._pool:
+            return map(fn, items)
+        futures = [self._pool.submit(fn, item) for item in items]
+        return self._unbroken((f.result() for f in as_completed(futures)), "writing shards")
 
-    def __exit__(self, *exc) -> None:
+    @staticmethod
+    def _unbroken(results, doing: str):
+        try:
+            yield from results
+        except BrokenProcessPool:
+            raise WorkerDied(f"a worker process died while {doing} (killed, e.g. out of memory, or crashed in a "
+                             "decoder); the shards finished so far are kept: run the same command again to write "
+                             "the rest (with fewer --workers if memory ran out)") from None
+
+    def __exit__(self, exc_type, *exc) -> None:
         if self._pool:
-            self._pool.terminate()
-            self._pool.join()
+            if exc_type is not None:  # Ctrl-C or an error: stop now, not after the shards being written
+                for proc in list(getattr(self._pool, "_processes", {}).values()):  # no public kill before 3.14
+                    proc.kill()
+            self._pool.shutdown(wait=True, cancel_futures=True)
         self.queue.close()
 
 

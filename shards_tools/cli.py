@@ -74,6 +74,9 @@ def _build(args: argparse.Namespace, argv: list[str]) -> int:
     if bad:
         print(f"unfused-shards build: {bad[0]} must be positive", file=sys.stderr)
         return EXIT_USAGE
+    if not 1000 <= args.sample_rate <= 384000:  # libsndfile's range: outside it every file would be rejected
+        print(f"unfused-shards build: --sample-rate {args.sample_rate} is outside 1000-384000 Hz", file=sys.stderr)
+        return EXIT_USAGE
     summaries = build(args.src, args.out, workers=args.workers, shard_samples=args.shard_samples,
                       shard_mb=args.shard_mb, segment_seconds=args.segment_seconds, sample_rate=args.sample_rate,
                       codec=args.codec,

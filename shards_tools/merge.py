@@ -2,7 +2,12 @@
 
 No audio is decoded or re-encoded, so a shard's sha256 is the same before and after the merge; only the
 manifest is new. Inputs are refused when they could not form one dataset (different sample rate or codec,
-a key present in two inputs). Label shards (labels/ dirs) are not merged: re-run the pseudolabel stage.
+a key present in two inputs, a shard that no longer matches its manifest). Label shards (labels/ dirs) are
+not merged: re-run the pseudolabel stage.
+
+OUT is never left half-written: every split is written complete (shards, then its manifest) into a staging
+folder, OUT/.merge-staging/, and only then swapped in, split by split, with a rename; a failure before the
+swap removes the staging folder and leaves OUT as it was.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from shards_tools.build import RECORDS_DIR, REJECTED_NAME
-from shards_tools.verify import SplitReport, VerifyError, iter_samples
+from shards_tools.sources import sort_labels
+from shards_tools.verify import SplitReport, VerifyError, iter_samples, repair_hint
 from unfused_dist.data.manifest import (
     MANIFEST_NAME,
     SHARD_GLOB,
@@ -26,6 +32,8 @@ from unfused_dist.data.manifest import (
     sha256_file,
     shard_name,
 )
+
+STAGING_DIR = ".merge-staging"  # inside OUT: same file system (renames are atomic), and no split dir of OUT
 
 
 class MergeError(Exception):
@@ -50,19 +58,45 @@ class MergeSummary(SplitReport):
 def merge(inputs: list[str | Path], out: str | Path, *, overwrite: bool = False,
           command: str = "") -> list[MergeSummary]:
     """Merge INPUTS (dataset folders or split dirs) into OUT/<split>/; returns one summary per split.
-    Raises MergeError (or ManifestError) before anything is written if the inputs do not fit together."""
+    Raises MergeError (or ManifestError) before anything is written if the inputs do not fit together, or
+    if an input shard is missing or no longer matches its manifest's sha256. With --overwrite, the old
+    OUT/<split> dirs are replaced only once every new split is complete; OUT/rejected.jsonl goes (a merge
+    rejects nothing of its own)."""
     out = Path(out)
     if len(inputs) < 2:
         raise MergeError("give at least two inputs and an output folder")
     by_split = _group_by_split([_load_input(p) for p in inputs])
-    _check_compatible([s for group in by_split.values() for s in group])
+    parts = [s for group in by_split.values() for s in group]
+    _check_compatible(parts)
+    for part in parts:
+        _check_shards_intact(part)
     for group in by_split.values():
         _check_disjoint_keys(group)
     _check_out(out, by_split, overwrite)
-    labels = _label_union([s for group in by_split.values() for s in group])
+    labels = _label_union(parts)
     sources = shlex.join(os.path.abspath(p) for p in inputs)
     command = command or f"shards_tools.merge.merge({[str(p) for p in inputs]!r}, {str(out)!r})"
-    return [_write_split(split, group, out / split, labels, sources, command) for split, group in by_split.items()]
+    created = not out.exists()
+    staging = out / STAGING_DIR
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a merge that was killed
+        staging.mkdir()
+        summaries = [_write_split(split, group, staging / split, labels, sources, command)
+                     for split, group in by_split.items()]
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise MergeError(f"{out}: writing the merge failed ({e}); nothing in {out} was changed") from None
+        raise
+    for s in summaries:
+        _swap_in(s.directory, out / s.split)
+        s.directory = out / s.split
+    (out / REJECTED_NAME).unlink(missing_ok=True)  # it listed the rejections of the build that wrote OUT before
+    shutil.rmtree(staging, ignore_errors=True)
+    return summaries
 
 
 def _load_input(path: str | Path) -> list[InputSplit]:
@@ -92,6 +126,21 @@ def _check_compatible(parts: list[InputSplit]) -> None:
                                  f"{a}, {part.origin} ({part.manifest.split}) has {b}; rebuild one of them")
 
 
+def _check_shards_intact(part: InputSplit) -> None:
+    """Every shard of an input is there with the bytes its manifest records (sha256, which covers the size:
+    the manifest records none), checked before OUT is touched; the copies are hashed again as written."""
+    for info in part.manifest.shards:
+        path = part.directory / info.name
+        problem = None
+        if not path.is_file():
+            problem = "is missing"
+        elif sha256_file(path) != info.sha256:
+            problem = "no longer matches its manifest (sha256)"
+        if problem:
+            raise MergeError(f"{part.origin}: {path} {problem}; repair that input first "
+                             f"({repair_hint(part.manifest, [path] if path.is_file() else [])})")
+
+
 def _check_disjoint_keys(group: list[InputSplit]) -> None:
     # keys come from the shards themselves: a manifest only records each shard's first and last key
     owner: dict[str, str] = {}
@@ -107,35 +156,39 @@ def _keys(part: InputSplit) -> list[str]:
     keys = []
     for path in part.manifest.shard_paths(part.directory):
         try:
-            keys.extend(key for key, _ in iter_samples(path, (part.manifest.codec, "json")))
+            keys.extend(key for key, _ in iter_samples(path, (part.manifest.codec, "json"),
+                                                       repair_hint(part.manifest, [path])))
         except VerifyError as e:
             raise MergeError(f"{part.origin}: {e}") from None
     return keys
 
 
 def _check_out(out: Path, by_split: dict[str, list[InputSplit]], overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise MergeError(f"{out}: is a file; choose a folder for the merged dataset")
     existing = find_split_dirs(out)
     if existing and not overwrite:
         raise MergeError(f"{out}: already holds a dataset ({', '.join(d.name for d in existing)}); "
                          f"pass --overwrite to replace it")
-    # with --overwrite, writing into an input would delete the shards we are about to copy
+    # with --overwrite, the swap would move away the very shards we copy from
     for split, group in by_split.items():
         target = (out / split).resolve()
         for part in group:
-            if part.directory.resolve() == target:
+            if part.directory.resolve() in (target, out.resolve()):
                 raise MergeError(f"{out}: is the input {part.origin} ({split}); choose another output folder")
 
 
 def _label_union(parts: list[InputSplit]) -> list[str] | None:
-    # one vocabulary for every split (as build does), so class ids agree between train, val and test
+    # one vocabulary for every split, in the builder's order, so class ids agree between train, val and test
+    # (and with the inputs' own, where they had all the labels)
     labels = {lab for p in parts for lab in (p.manifest.labels or [])}
-    return sorted(labels) or None
+    return sort_labels(labels) or None
 
 
 def _write_split(split: str, group: list[InputSplit], directory: Path, labels: list[str] | None,
                  sources: str, command: str) -> MergeSummary:
-    directory.mkdir(parents=True, exist_ok=True)
-    _remove_stale(directory)
+    """The whole merged split in DIRECTORY (a fresh staging folder): shards, then the manifest."""
+    directory.mkdir()
     shards: list[ShardInfo] = []
     for part in group:
         for info in part.manifest.shards:
@@ -161,27 +214,35 @@ def _write_split(split: str, group: list[InputSplit], directory: Path, labels: l
 
 
 def _copy_shard(part: InputSplit, info: ShardInfo, directory: Path, name: str) -> ShardInfo:
-    tmp, final = directory / f".{name}.tmp", directory / name
-    try:
-        shutil.copyfile(part.directory / info.name, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # the manifest (written later) must never describe unflushed data
-        # hashing the copy catches an input changed since its build, which would make the manifest lie
-        digest = sha256_file(tmp)
-        if digest != info.sha256:
-            raise MergeError(f"{part.origin}: {info.name} no longer matches its manifest (sha256); "
-                             f"run `unfused-shards verify` on it")
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    final = directory / name
+    shutil.copyfile(part.directory / info.name, final)
+    with open(final, "rb") as f:
+        os.fsync(f.fileno())  # the manifest (written later) must never describe unflushed data
+    # hashing the copy catches an input changed since it was checked, which would make the manifest lie
+    if sha256_file(final) != info.sha256:
+        raise MergeError(f"{part.origin}: {info.name} changed during the merge (sha256); nothing in the output "
+                         f"was changed - run `unfused-shards verify` on {part.directory}")
     return ShardInfo(name, info.num_samples, info.seconds, info.sha256, info.first_key, info.last_key)
 
 
-def _remove_stale(directory: Path) -> None:
-    """Manifest first, so a crash mid-way never leaves a manifest describing shards that are gone.
-    labels/ is left alone: label shards are not merged, and deleting a user's folder is not ours to do."""
-    (directory / MANIFEST_NAME).unlink(missing_ok=True)
-    (directory / REJECTED_NAME).unlink(missing_ok=True)  # it listed the old build's rejects
-    for p in list(directory.glob(SHARD_GLOB)) + list(directory.glob(".audio-*.tar.tmp")):
-        p.unlink()
-    shutil.rmtree(directory / RECORDS_DIR, ignore_errors=True)  # a build's records describe other shards
+def _is_build_output(p: Path) -> bool:
+    """What a build or merge wrote into a split dir (replaced by the merge); anything else is the user's."""
+    return (p.name in (MANIFEST_NAME, REJECTED_NAME, RECORDS_DIR) or p.match(SHARD_GLOB)
+            or (p.name.startswith(".") and p.name.endswith(".tmp")))
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Replace TARGET (an old split dir, if any) by the complete NEW one: two renames, so OUT/<split> is at
+    every moment either the old split or the new, each with its own manifest (or, between the renames, absent).
+    labels/ and any other files of the user move over unchanged: label shards are not merged, and deleting a
+    user's folder is not ours to do (verify reports label shards that no longer align)."""
+    if target.exists():
+        for p in list(target.iterdir()):
+            if not _is_build_output(p):
+                os.replace(p, new / p.name)
+        old = new.parent / f"{new.name}.old"
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, target)

@@ -38,7 +38,7 @@ def survey(item: SourceItem, with_header: bool) -> Survey:
         return Survey(None)
     try:
         st = os.stat(item.path)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the path; the worker's decode gives the reason
         return Survey(None)
     frames_rate = probe(item.path) if with_header and st.st_size else None
     return Survey((st.st_size, st.st_mtime_ns), *(frames_rate or (None, None)))

@@ -214,7 +214,7 @@ def test_shard_mb_target_is_planned_from_durations(tmp_path: Path) -> None:
 def test_make_key() -> None:
     assert make_key("a/b c/x.y.wav") == "a__b_c__x_y"
     assert make_key("dir.v1/file") == "dir_v1__file"
-    assert make_key("ü-ok_1.flac") == "_-ok_1"
+    assert make_key("ü-ok_1.flac") == "ü-ok_1" and make_key("a+b (1).wav") == "a_b__1_"
 
 
 def test_audio_io_roundtrip_and_errors() -> None:

@@ -164,3 +164,75 @@ def test_jsonl_bad_line_names_file_and_line(tmp_path: Path, line: str, problem: 
     r = _cli("build", jsonl, tmp_path / "out")
     assert r.returncode == 2 and "m.jsonl:3: " in r.stderr and problem in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_merge_overwrite_drops_the_old_builds_rejections(tmp_path: Path) -> None:
+    # OUT first holds a build with a rejected input: OUT/rejected.jsonl and OUT/train/rejected.jsonl
+    out = _build(tmp_path, "out", A_FILES[:2] + [("a/gone.wav", "cat", "train")])
+    (tmp_path / "src_out" / "a" / "gone.wav").unlink()
+    build(tmp_path / "src_out" / "manifest.csv", out, workers=1, shard_samples=2, progress=False)
+    assert (out / "rejected.jsonl").is_file() and (out / "train" / "rejected.jsonl").is_file()
+    (out / "train" / "notes.txt").write_text("the user's")
+    a, b = _build(tmp_path, "A", A_FILES), _build(tmp_path, "B", B_FILES)
+
+    merge([a, b], out, overwrite=True)
+    assert not (out / "rejected.jsonl").exists()
+    assert not any(out.rglob("rejected.jsonl"))
+    assert (out / "train" / "notes.txt").read_text() == "the user's"  # not ours to delete
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train", "val"]  # no staging folder left
+    assert _cli("verify", out).returncode == 0
+
+
+def test_merge_checks_input_shards_before_touching_out(a_b: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = a_b
+    out = tmp_path / "out"
+    merge([a, b], out)
+    before = _snapshot(out)
+    shard = b / "train" / DatasetManifest.load(b / "train").shards[0].name
+    data = bytearray(shard.read_bytes())
+    data[-1] = 1  # end-of-archive padding: the tar still reads, only its sha256 differs
+    shard.write_bytes(bytes(data))
+
+    r = _cli("merge", "--overwrite", a, b, out)
+    assert _snapshot(out) == before  # OUT untouched: old manifests and shards all there
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{shard} no longer matches its manifest (sha256)" in r.stderr and f"delete {shard}" in r.stderr
+    assert _cli("verify", out).returncode == 0
+
+
+def test_a_merge_failing_midway_leaves_out_as_it_was(a_b: tuple[Path, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import shards_tools.merge as merge_module
+
+    a, b = a_b
+    out = tmp_path / "out"
+    merge([a, b], out)
+    before = _snapshot(out)
+    real_copy, calls = shutil.copyfile, []
+
+    def copy_then_fail(src, dst):
+        calls.append(src)
+        if len(calls) == 4:  # the fourth shard: the first split already complete in staging
+            raise OSError(28, "No space left on device")
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(merge_module.shutil, "copyfile", copy_then_fail)
+    with pytest.raises(MergeError, match=r"No space left on device.*nothing in .* was changed"):
+        merge([b, a], out, overwrite=True)
+    assert _snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["test", "train", "val"]
+    calls.clear()
+    with pytest.raises(MergeError, match="No space left"):
+        merge([b, a], tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()  # created for this merge, so removed with it
+
+
+def test_merge_orders_integer_labels_as_the_builder_does(tmp_path: Path) -> None:
+    a = _build(tmp_path, "A", [("a/x1.wav", "2", "train"), ("a/x2.wav", "10", "train")])
+    b = _build(tmp_path, "B", [("b/y1.wav", "3", "train")])
+    assert DatasetManifest.load(a / "train").labels == ["2", "10"]
+    merge([a, b], tmp_path / "out")
+    assert DatasetManifest.load(tmp_path / "out" / "train").labels == ["2", "3", "10"]  # not '10' < '2'

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import signal
 import struct
 import subprocess
@@ -58,12 +59,16 @@ def _bad_inputs(root: Path) -> dict[str, str]:
     sf.write(root / "nan.wav", x, 16000, subtype="FLOAT")
     x[100] = np.inf
     sf.write(root / "inf.wav", x, 16000, subtype="FLOAT")
+    sf.write(root / "full.aiff", _noise(1.0), 16000)
+    aiff = (root / "full.aiff").read_bytes()
+    (root / "full.aiff").unlink()
+    (root / "trunc_aiff.aiff").write_bytes(aiff[: len(aiff) // 2])  # libsndfile reads it without a word
     (root / "a_directory.wav").mkdir()
     (root / "dangling.wav").symlink_to(root / "nowhere.wav")
     (root / "dup").mkdir()
     sf.write(root / "dup/k.wav", _noise(0.5), 16000)  # key dup__k; good (first in path order)
     sf.write(root / "dup__k.wav", _noise(0.5), 16000)  # the same key: rejected
-    return {"trunc_wav.wav": "truncated", "trunc_flac.flac": "corrupt", "zero_length.wav": "empty file",
+    return {"trunc_wav.wav": "truncated", "trunc_flac.flac": "corrupt", "trunc_aiff.aiff": "truncated", "zero_length.wav": "empty file",
             "zero_frames.wav": "zero-length audio", "not_audio.wav": "undecodable", "bad_codec.wav": "undecodable",
             "nan.wav": "NaN or inf", "inf.wav": "NaN or inf", "a_directory.wav": "unreadable",
             "dangling.wav": "missing file", "dup__k.wav": "duplicate key dup__k"}
@@ -188,8 +193,13 @@ def test_long_recordings_are_cut_into_segments_and_nothing_is_dropped(tmp_path: 
     sf.write(src / "long.flac", _noise(10.4, 44100, 1), 44100)  # 10.4 s -> 4 + 4 + 2.4
     sf.write(src / "tail.wav", _noise(9.5, 16000, 2), 16000)  # 9.5 s -> 4 + 5.5 (1.5 s tail < half joins)
     sf.write(src / "short.wav", _noise(3.0, 16000, 3), 16000)  # stays whole, own key
-    build(src, tmp_path / "out", workers=2, shard_samples=2, segment_seconds=4.0, progress=False)
+    sf.write(src / "cut.wav", _noise(20.0, 16000, 4), 16000)
+    cut = (src / "cut.wav").read_bytes()
+    (src / "cut.wav").write_bytes(cut[: len(cut) * 55 // 100])  # 11 s left, the header still promises 20 s
+    summary = build(src, tmp_path / "out", workers=2, shard_samples=2, segment_seconds=4.0, progress=False)[0]
     split = tmp_path / "out/train"
+    reasons = {json.loads(line)["reason"] for line in (split / REJECTED_NAME).read_text().splitlines()}
+    assert summary.rejected > 0 and all(r.startswith("truncated") for r in reasons)
     metas = [s.meta() for shard in DatasetManifest.load(split).shard_paths(split) for s in iter_shard(shard)]
     got = {m["id"]: (round(m["duration"], 3), round(m.get("offset", -1), 3)) for m in metas}
     assert got == {"long__seg00000": (4.0, 0.0), "long__seg00001": (4.0, 4.0), "long__seg00002": (2.4, 8.0),
@@ -206,3 +216,78 @@ def test_wav_codec_shards_verify_and_decode(tmp_path: Path) -> None:
     samples = list(iter_shard(split / "audio-000000.tar"))
     assert set(samples[0].members) == {"wav", "json"} and samples[0].audio(16000).shape == (8000,)
     verify_split(split)
+
+
+def _die_on(key: str):
+    """An encode that kills its own worker process at `key`, as the OOM killer or a decoder crash would."""
+    from shards_tools import build as build_module
+    encode = build_module.encode_entry
+
+    def encode_or_die(e, opts):
+        if e.key == key:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return encode(e, opts)
+    return encode_or_die
+
+
+def test_a_worker_that_dies_stops_the_build_clearly_and_a_rerun_finishes_it(tmp_path: Path, monkeypatch) -> None:
+    """multiprocessing.Pool waited for ever on a dead worker's shard."""
+    from shards_tools import build as build_module
+    from shards_tools.build import WorkerDied
+
+    src = tmp_path / "raw"
+    _good_corpus(src, 12)
+    out = tmp_path / "out"
+    monkeypatch.setattr(build_module, "encode_entry", _die_on("g005"))  # the workers fork with it
+    with pytest.raises(WorkerDied, match="a worker process died while writing shards.*run the same command again"):
+        build(src, out, workers=2, shard_samples=2, progress=False)
+    assert not (out / "train/manifest.json").exists()
+    monkeypatch.undo()
+    summary = build(src, out, workers=2, shard_samples=2, progress=False)[0]
+    assert summary.clips == 12 and summary.rejected == 0
+    verify_split(out / "train")
+
+
+def test_a_shard_with_a_file_refused_as_unreadable_is_written_again_by_the_next_run(tmp_path: Path) -> None:
+    """A file refused for its permissions and then made readable keeps its size and mtime, so the shard's
+    fingerprint is unchanged: the record as a permission error leaves it (the tests run as root, whom no
+    permission stops) must not be reused."""
+    src = tmp_path / "raw"
+    _good_corpus(src, 3)
+    split = tmp_path / "out/train"
+    build(src, tmp_path / "out", workers=1, shard_samples=1, progress=False)
+    record_path = split / RECORDS_DIR / "audio-000001.tar.json"
+    record = json.loads(record_path.read_text())
+    record.update(shard=None, size=0, rejected=[{"order": 1, "path": "g001.wav",
+                                                 "reason": "unreadable: [Errno 13] Permission denied"}])
+    record_path.write_text(json.dumps(record))
+    (split / "audio-000001.tar").unlink()
+    summary = build(src, tmp_path / "out", workers=1, shard_samples=1, progress=False)[0]
+    assert (summary.reused, summary.clips, summary.rejected) == (2, 3, 0)
+    verify_split(split)
+
+
+def test_a_nul_in_a_manifest_path_rejects_that_row_only(tmp_path: Path) -> None:
+    src = tmp_path / "raw"
+    good = _good_corpus(src, 2)
+    listing = src / "list.csv"
+    listing.write_text("files\n" + "".join(f"{n}\n" for n in good) + "bad\0name.wav\n")
+    summary = build(listing, tmp_path / "out", workers=2, progress=False)[0]
+    assert summary.clips == 2 and summary.rejected == 1
+    line = json.loads((tmp_path / "out" / REJECTED_NAME).read_text())
+    assert line["path"] == "bad\0name.wav" and "null" in line["reason"]
+
+
+def test_out_must_be_a_folder_without_another_datasets_splits(tmp_path: Path) -> None:
+    src = tmp_path / "raw"
+    good = _good_corpus(src, 4)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SourceError, match="a_file: exists and is not a folder"):
+        build(src, tmp_path / "a_file", workers=1, progress=False)
+    listing = src / "list.csv"
+    listing.write_text("path,split\n" + "".join(f"{n},{s}\n" for n, s in zip(good, ["train", "train", "val", "test"])))
+    out = tmp_path / "out"
+    build(listing, out, workers=1, progress=False)
+    with pytest.raises(SourceError, match="holds split\\(s\\) test, val that SRC does not have"):
+        build(src, out, workers=1, progress=False)  # a folder source: train only
+    assert (out / "val/manifest.json").exists()  # refused before anything was touched

@@ -10,6 +10,7 @@ Conventions:
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 import tempfile
@@ -62,24 +63,34 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
             x = f.read(dtype="float32", always_2d=True)
         except Exception as e:  # noqa: BLE001 - a readable header, then a broken stream
             raise AudioDecodeError(f"corrupt: {getattr(e, 'error_string', None) or _short(e)}") from None
-    # libsndfile returns what it could read without an error, and sizes a WAV by the file's length
-    if (exact and 0 < x.shape[0] < expected) or _wav_truncated(data):
+    # libsndfile returns what it could read without an error, and sizes a WAV or AIFF by the file's length
+    if (exact and 0 < x.shape[0] < expected) or _declared_past_end(data, len(data)):
         raise AudioDecodeError(f"truncated: {x.shape[0]} frames read, the header promises more")
     return _checked(np.ascontiguousarray(x.T), sr)
 
 
-def _wav_truncated(data: bytes) -> bool:
-    """A RIFF/WAVE whose data chunk claims more bytes than the file has (0 and 0xFFFFFFFF are the sizes
-    streaming writers leave, not a truncation)."""
-    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+def _declared_past_end(head: bytes, file_size: int) -> bool:
+    """A RIFF/WAVE or AIFF/AIFC file (its first bytes `head`) whose audio chunk claims more bytes than the
+    file has: libsndfile reads what is there without a word. 0 and 0xFFFFFFFF are the sizes streaming
+    writers leave, not a truncation; an audio chunk that starts past `head` cannot be judged (False)."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        order, audio_chunk = "little", b"data"
+    elif head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        order, audio_chunk = "big", b"SSND"
+    else:
         return False
     pos = 12
-    while pos + 8 <= len(data):
-        chunk, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
-        if chunk == b"data":
-            return size not in (0, 0xFFFFFFFF) and pos + 8 + size > len(data)
+    while pos + 8 <= len(head):
+        chunk, size = head[pos:pos + 4], int.from_bytes(head[pos + 4:pos + 8], order)
+        if chunk == audio_chunk:
+            return size not in (0, 0xFFFFFFFF) and pos + 8 + size > file_size
         pos += 8 + size + (size & 1)
     return False
+
+
+def _file_truncated(path: str | Path) -> bool:
+    with open(path, "rb") as f:
+        return _declared_past_end(f.read(1 << 16), os.fstat(f.fileno()).st_size)
 
 
 def decode_mono(data: bytes) -> tuple[np.ndarray, int]:
@@ -140,7 +151,16 @@ def probe(path: str | Path) -> tuple[int, int] | None:
 
 def load_frames(path: str | Path, start: int, stop: int) -> tuple[np.ndarray, int]:
     """Frames [start, stop) of a file libsndfile reads -> (mono float32, native rate), reading only that
-    part: a segment of a ten-hour recording costs a segment's memory."""
+    part: a segment of a ten-hour recording costs a segment's memory. A WAV or AIFF cut short is refused
+    for every segment, as decode_audio refuses it whole: libsndfile would size it by what is left."""
+    try:
+        truncated = _file_truncated(path)
+    except FileNotFoundError:
+        raise AudioDecodeError("missing file") from None
+    except OSError as e:
+        raise AudioDecodeError(f"unreadable: {_short(e)}") from None
+    if truncated:
+        raise AudioDecodeError("truncated: the header promises more audio than the file holds")
     try:
         x, sr = sf.read(str(path), start=start, stop=stop, dtype="float32", always_2d=True)
     except FileNotFoundError:
