@@ -38,7 +38,8 @@ from shards_tools.plan import Entry, ShardPlan, plan_shards, segment_entries, su
 from shards_tools.sources import Source, SourceError, read_source
 from unfused_dist.artefacts import atomic_write_text
 from unfused_dist.audio.io import CODECS, TARGET_SR, AudioDecodeError, encode_audio, load_file, load_frames, resample
-from unfused_dist.data.manifest import MANIFEST_NAME, SHARD_GLOB, BuildInfo, DatasetManifest, ShardInfo
+from unfused_dist.data.manifest import (MANIFEST_NAME, SHARD_GLOB, BuildInfo, DatasetManifest, ManifestError, ShardInfo,
+                                        find_split_dirs)
 from unfused_dist.data.shardwriter import TarShard
 
 REJECTED_NAME = "rejected.jsonl"
@@ -83,6 +84,7 @@ def build(src: str | Path, out: str | Path, *, workers: int | None = None, shard
         raise SourceError(f"codec {codec!r} is not one of {', '.join(CODECS)}")
     source = read_source(src, labels_from_dirs=labels_from_dirs)
     _check_out(Path(out), source.splits())
+    source.labels = _kept_label_order(Path(out), source.labels)
     opts = Options(sample_rate, codec, shard_samples, shard_mb, segment_seconds)
     command = command or f"shards_tools.build.build({str(src)!r})"
     with _Workers(workers or os.cpu_count() or 1) as pool:
@@ -111,6 +113,19 @@ def _check_out(out: Path, splits: list[str]) -> None:
                           "build?); remove them or build into another folder")
 
 
+def _kept_label_order(out: Path, labels: list[str] | None) -> list[str] | None:
+    """An earlier build's vocabulary order when it holds exactly these labels, so class ids stay what models
+    trained on it know (builds before 2026-11-25 sorted integer labels as text: '10' before '2')."""
+    for directory in find_split_dirs(out) if labels else []:
+        try:
+            old = DatasetManifest.load(directory).labels
+        except ManifestError:
+            continue
+        if old and sorted(old) == sorted(labels):
+            return old
+    return labels
+
+
 def _build_split(source: Source, split: str, directory: Path, opts: Options, pool: _Workers, command: str,
                  progress: bool) -> SplitSummary:
     directory.mkdir(parents=True, exist_ok=True)
@@ -136,6 +151,8 @@ def _build_split(source: Source, split: str, directory: Path, opts: Options, poo
         records = [records[p.name] for p in plans]
         rejected += [r for rec in records for r in rec["rejected"]]
         rejected.sort(key=lambda r: r["order"])
+        # one line per file and reason: a file cut into segments is refused once, not once per segment
+        rejected = list({(r["order"], r["reason"]): r for r in rejected}.values())
         shards = [ShardInfo(**rec["shard"]) for rec in records if rec["shard"]]
         _remove_stale(directory, {s.name for s in shards}, {p.name for p in plans})
         _write_rejected(directory / REJECTED_NAME, rejected, split)
@@ -393,7 +410,7 @@ class _Progress:
         return self
 
     def _drain(self) -> None:
-        while (msg := self.queue.get()) is not None:
+        while (msg := self._next()) is not None:
             clips, seconds = msg
             self.hours += seconds / 3600
             self.bar.update(clips)
@@ -401,7 +418,16 @@ class _Progress:
             self.bar.set_postfix_str(f"{self.hours:.3f} h audio, {rate:.3f} h/s, {self.rejected} rejected",
                                      refresh=False)
 
-    def __exit__(self, *exc) -> None:
-        self.queue.put(None)  # after every worker message: imap_unordered has returned all results
-        self._thread.join()
+    def _next(self):
+        try:
+            return self.queue.get()
+        except (EOFError, OSError):  # the queue was closed under us: the build is ending on an error
+            return None
+
+    def __exit__(self, exc_type, *exc) -> None:
+        # On an error (a worker died, possibly holding the queue's write lock) put() could block for ever:
+        # leave the daemon thread to end when _Workers closes the queue.
+        if exc_type is None:
+            self.queue.put(None)  # after every worker message: imap_unordered has returned all results
+            self._thread.join()
         self.bar.close()

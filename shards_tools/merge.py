@@ -5,9 +5,10 @@ manifest is new. Inputs are refused when they could not form one dataset (differ
 a key present in two inputs, a shard that no longer matches its manifest). Label shards (labels/ dirs) are
 not merged: re-run the pseudolabel stage.
 
-OUT is never left half-written: every split is written complete (shards, then its manifest) into a staging
-folder, OUT/.merge-staging/, and only then swapped in, split by split, with a rename; a failure before the
-swap removes the staging folder and leaves OUT as it was.
+OUT is never left with a half-written split: every split is written complete (shards, then its manifest) into
+a staging folder, OUT/.merge-staging/, and only then swapped in, split by split, with two renames each. A
+failure before the swap (a bad input, a full disk) removes the staging folder and leaves OUT as it was; one
+during the swap (a few renames) says which splits are merged and what waits in the staging folder.
 """
 
 from __future__ import annotations
@@ -78,9 +79,10 @@ def merge(inputs: list[str | Path], out: str | Path, *, overwrite: bool = False,
     command = command or f"shards_tools.merge.merge({[str(p) for p in inputs]!r}, {str(out)!r})"
     created = not out.exists()
     staging = out / STAGING_DIR
+    _check_no_parked_split(staging)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)  # left by a merge that was killed
+        shutil.rmtree(staging, ignore_errors=True)  # new splits of a merge killed before its swap
         staging.mkdir()
         summaries = [_write_split(split, group, staging / split, labels, sources, command)
                      for split, group in by_split.items()]
@@ -92,7 +94,11 @@ def merge(inputs: list[str | Path], out: str | Path, *, overwrite: bool = False,
             raise MergeError(f"{out}: writing the merge failed ({e}); nothing in {out} was changed") from None
         raise
     for s in summaries:
-        _swap_in(s.directory, out / s.split)
+        try:
+            _swap_in(s.directory, out / s.split)
+        except OSError as e:
+            raise MergeError(f"{out / s.split}: swapping the merged split in failed ({e}); the splits before it "
+                             f"are merged, the rest wait in {staging}: see its contents before merging again") from None
         s.directory = out / s.split
     (out / REJECTED_NAME).unlink(missing_ok=True)  # it listed the rejections of the build that wrote OUT before
     shutil.rmtree(staging, ignore_errors=True)
@@ -170,6 +176,13 @@ def _check_out(out: Path, by_split: dict[str, list[InputSplit]], overwrite: bool
     if existing and not overwrite:
         raise MergeError(f"{out}: already holds a dataset ({', '.join(d.name for d in existing)}); "
                          f"pass --overwrite to replace it")
+    linked = [split for split in by_split if (out / split).is_symlink()]
+    if linked:  # the swap renames the link, and the user's files behind it may sit on another file system
+        raise MergeError(f"{out / linked[0]}: is a symbolic link; merge into a folder of plain split folders")
+    left = [d.name for d in existing if d != out and d.name not in by_split]
+    if left:  # they would stay beside the new splits with the old vocabulary: one dataset that is two
+        raise MergeError(f"{out}: holds split(s) {', '.join(left)} that the inputs do not have; remove them or "
+                         "merge into another folder")
     # with --overwrite, the swap would move away the very shards we copy from
     for split, group in by_split.items():
         target = (out / split).resolve()
@@ -233,16 +246,26 @@ def _is_build_output(p: Path) -> bool:
 
 def _swap_in(new: Path, target: Path) -> None:
     """Replace TARGET (an old split dir, if any) by the complete NEW one: two renames, so OUT/<split> is at
-    every moment either the old split or the new, each with its own manifest (or, between the renames, absent).
-    labels/ and any other files of the user move over unchanged: label shards are not merged, and deleting a
-    user's folder is not ours to do (verify reports label shards that no longer align)."""
-    if target.exists():
-        for p in list(target.iterdir()):
-            if not _is_build_output(p):
-                os.replace(p, new / p.name)
-        old = new.parent / f"{new.name}.old"
-        os.replace(target, old)
+    every moment the old split or the new, each with its own manifest (or, between the renames, absent, the
+    old one parked as <staging>/<split>.old, which the next merge refuses to clear). Then labels/ and any other
+    files of the user move over unchanged: label shards are not merged, and deleting a user's folder is not
+    ours to do (verify reports label shards that no longer align)."""
+    if not target.exists():
         os.replace(new, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(new, target)
+        return
+    old = new.parent / f"{new.name}.old"
+    os.replace(target, old)
+    os.replace(new, target)
+    for p in list(old.iterdir()):
+        if not _is_build_output(p):
+            os.replace(p, target / p.name)
+    shutil.rmtree(old)
+
+
+def _check_no_parked_split(staging: Path) -> None:
+    """A merge stopped between its renames parks an old split in the staging folder: never clear it."""
+    parked = sorted(staging.glob("*.old")) if staging.is_dir() else []
+    if parked:
+        raise MergeError(f"{staging}: holds {', '.join(p.name for p in parked)}, left by a merge stopped while "
+                         f"swapping splits in (an old split, or the user's files in it); move what you want to keep "
+                         f"back into {staging.parent}, then remove {staging}")

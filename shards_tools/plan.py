@@ -102,11 +102,12 @@ def plan_shards(entries: list[Entry], shard_samples: int, max_bytes: int | None,
             size = 0.0
         groups[-1].append(e)
         size += est
-    params = {"sample_rate": sample_rate, "codec": codec, "version": 1}
+    params = {"sample_rate": sample_rate, "codec": codec, "version": 2}
     return [ShardPlan(shard_name(i), tuple(g), fingerprint(g, params)) for i, g in enumerate(groups)]
 
 
 def fingerprint(entries: list[Entry], params: dict) -> str:
-    """What a shard's bytes depend on: the options, and each sample's file, key, label and range."""
-    rows = [[e.item.path, e.key, e.item.label, e.start, e.stop, e.stat] for e in entries]
+    """What a shard's bytes depend on: the options, and each sample's file, key, label, range, and the path as
+    the source wrote it (its JSON records it: `./a.wav` and `a.wav` give different shards)."""
+    rows = [[e.item.path, e.item.source, e.key, e.item.label, e.start, e.stop, e.stat] for e in entries]
     return hashlib.sha256(json.dumps([params, rows]).encode()).hexdigest()

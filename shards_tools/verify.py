@@ -15,7 +15,9 @@ passes its check and would be kept, damage and all), and always rewrites the man
 from __future__ import annotations
 
 import json
+import os
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import zip_longest
@@ -123,7 +125,7 @@ def _check_manifest(directory: Path, manifest: DatasetManifest) -> None:
     """What the manifest says about itself, before any shard is read: a wrong split name, total or label
     order would mislead every reader even with intact shards."""
     where = directory / MANIFEST_NAME
-    folder = directory.resolve().name  # resolve: `verify .` inside the split dir
+    folder = Path(os.path.abspath(directory)).name  # `verify .` inside the split dir; a symlink keeps its name
     if manifest.split != folder:
         raise VerifyError(f"{where}: says split {manifest.split!r} but its folder is {folder!r}; rename the folder "
                           f"back to {manifest.split!r} (or rebuild the split into a folder of that name)")
@@ -264,4 +266,24 @@ def verify(path: str | Path) -> tuple[list[SplitReport], list[str]]:
     for d in incomplete:
         errors.append(f"{d.resolve().name}: ERROR {d}: shards but no {MANIFEST_NAME}, so the split is incomplete "
                       f"(its build did not finish); {repair_hint(None)}")
+    errors += _vocabulary_mismatches(dirs)
     return reports, errors
+
+
+def _vocabulary_mismatches(dirs: list[Path]) -> list[str]:
+    """The splits of one dataset share one label vocabulary (a build writes the union over all its splits),
+    else one class id means two labels between train and test."""
+    vocab = {}
+    for d in dirs:
+        try:
+            vocab[d] = tuple(DatasetManifest.load(d).labels or ())
+        except ManifestError:
+            continue  # verify_split has reported it
+    if len(set(vocab.values())) < 2:
+        return []
+    common = Counter(vocab.values()).most_common(1)[0][0]  # the odd ones out are reported
+    like = next(d.name for d, v in vocab.items() if v == common)
+    return [f"{d.name}: ERROR {d / MANIFEST_NAME}: its labels differ from {like}'s ({len(v)} against "
+            f"{len(common)}), so class ids differ between splits; build all splits from one source, or merge "
+            "them with `unfused-shards merge`" for d, v in vocab.items() if v != common]
+

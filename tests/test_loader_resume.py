@@ -279,7 +279,7 @@ def _without_last_sample(shard):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "fewer samples than its manifest", "a refused member"])
-def test_a_shard_that_stops_short_costs_its_samples_not_the_run(tmp_path, append_member, caplog, damage):
+def test_a_shard_that_stops_short_costs_its_samples_not_the_run(tmp_path, caplog, damage):
     """Skipping bad samples: the samples a damaged shard cannot give count as bad and are replaced, so every
     rank still yields the same batches (a short rank would hang the others' collectives). Failing: an
     error naming the shard."""
@@ -289,11 +289,13 @@ def test_a_shard_that_stops_short_costs_its_samples_not_the_run(tmp_path, append
         shard.write_bytes(shard.read_bytes()[:3000])
     elif damage == "fewer samples than its manifest":
         _without_last_sample(shard)
-    else:
-        append_member(shard, "c999.pyd", b"cos\nsystem\n")
+    else:  # before the shard's last sample, which it then never reaches
+        members = read_tar(shard)
+        write_tar(shard, members[:-2] + [("c999.pyd", b"cos\nsystem\n")] + members[-2:])
     reason = {"truncated": "unreadable or truncated", "fewer samples than its manifest": "ends after 4 samples",
               "a refused member": "member 'c999.pyd' is not audio"}[damage]
     for workers in (0, 2):
+        caplog.clear()
         counted = []
         for rank in range(2):
             stream = _stream(split, rank=rank, world=2, batch_size=5, workers=workers)
@@ -301,14 +303,22 @@ def test_a_shard_that_stops_short_costs_its_samples_not_the_run(tmp_path, append
                 batches = _epoch(stream, 0)
             assert len(batches) == stream.batches_per_epoch() == 4
             keys = [k for b in batches for k, _ in b]
-            assert len(keys) == 20
-            counted.append(stream.take_bad())
-        assert f"{shard}: " in caplog.text and reason in caplog.text
-        if damage != "a refused member":  # appended after the shard's last sample, that one costs nothing
-            assert sum(counted) > 0
+            assert len(keys) == 20  # a bad position repeats the next good sample of its worker
+            counted.append(stream.take_bad())  # the workers' counts reach the main process
+        assert sum(counted) > 0, workers
+        if workers == 0:  # a DataLoader worker's log records stay in its own process
+            assert f"{shard}: " in caplog.text and reason in caplog.text
     with pytest.raises(ShardError, match=rf"{shard}: .*{reason}"):
         for rank in range(2):
             _epoch(_stream(split, rank=rank, world=2, batch_size=5, workers=0, bad_samples="fail"), 0)
+
+
+def test_a_shard_that_cannot_be_opened_stops_the_run_even_when_skipping(tmp_path):
+    split = build_noise_dataset(tmp_path, 20, shard_samples=5)
+    (split / "audio-000002.tar").unlink()
+    with pytest.raises(ShardError, match=r"audio-000002.tar: cannot open this shard"):
+        for rank in range(2):
+            _epoch(_stream(split, rank=rank, world=2, batch_size=5, workers=0), 0)
 
 
 def _label_of(sample, rng):
@@ -316,20 +326,23 @@ def _label_of(sample, rng):
 
 
 def test_unreadable_json_is_a_bad_sample_parsed_only_by_the_lane_that_delivers_it(tone_dataset):
+    """12 clips in 4 shards of 3; 3 ranks, batches of 4, unshuffled: rank 0 takes clips 0-3 (shard 1's first
+    among them) and rank 1 clips 4-7, reading past that first clip of shard 1 without delivering it."""
     split = tone_dataset / "train"
     shard = split / "audio-000001.tar"
     members = read_tar(shard)
-    bad = next(name for name, _ in members if name.endswith(".json")).split(".")[0]
+    bad = members[0][0].split(".")[0]
     write_tar(shard, [(n, b"{not json" if n == f"{bad}.json" else d) for n, d in members])
-    labelled = {}
-    for rank in range(4):  # 4 shards of 3 clips, 4 ranks, batches of 3: each rank has one shard's worth
-        stream = ShardStream(ShardSource(split), _label_of, seed=0, shuffle=False, rank=rank, world=4,
-                             batch_size=3)
-        keys = [k for k, _ in stream]
-        assert len(keys) == 3
-        labelled[rank] = bad in [k for k, _ in stream] or stream.bad_count
-    assert sum(bool(v) for v in labelled.values()) == 1  # only the rank whose range holds it ever parsed it
-    owner = next(r for r, v in labelled.items() if v)
+
+    def stream(rank, bad_samples="skip"):
+        return ShardStream(ShardSource(split), _label_of, seed=0, shuffle=False, rank=rank, world=3, batch_size=4,
+                           bad_samples=bad_samples)
+
+    streams = [stream(rank) for rank in range(3)]
+    delivered = [[k for k, _ in s] for s in streams]
+    assert [len(keys) for keys in delivered] == [4, 4, 4]
+    assert bad not in delivered[0] + delivered[1] + delivered[2]
+    assert [s.bad_count for s in streams] == [1, 0, 0]  # the owner skipped it; rank 1 never parsed it
     with pytest.raises(ShardError, match=rf"sample '{bad}' has unreadable JSON"):
-        list(ShardStream(ShardSource(split), _label_of, seed=0, shuffle=False, rank=owner, world=4, batch_size=3,
-                         bad_samples="fail"))
+        list(stream(0, "fail"))
+    assert len(list(stream(1, "fail"))) == 4

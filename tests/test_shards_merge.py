@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from shards_tools.merge import MergeError, merge
 from shards_tools.sources import SourceError, read_source
 from unfused_dist.data.manifest import DatasetManifest
 
-CLI = Path("/work/main/.venv/bin/unfused-shards")
+CLI = Path(sys.executable).parent / "unfused-shards"  # the venv running the tests
 
 # (relative path, label, split): A and B share no file names, so their keys are disjoint
 A_FILES = [("a/x1.wav", "cat", "train"), ("a/x2.wav", "dog", "train"), ("a/x3.wav", "cat", "train"),
@@ -236,3 +237,26 @@ def test_merge_orders_integer_labels_as_the_builder_does(tmp_path: Path) -> None
     assert DatasetManifest.load(a / "train").labels == ["2", "10"]
     merge([a, b], tmp_path / "out")
     assert DatasetManifest.load(tmp_path / "out" / "train").labels == ["2", "3", "10"]  # not '10' < '2'
+
+
+def test_merge_overwrite_refuses_an_out_with_splits_the_inputs_lack(a_b: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = a_b
+    out = tmp_path / "out"
+    merge([a, b], out)
+    shutil.copytree(out / "test", out / "dev")  # a split of the old dataset that this merge would not replace
+    _edit = json.loads((out / "dev/manifest.json").read_text())
+    _edit["split"] = "dev"
+    (out / "dev/manifest.json").write_text(json.dumps(_edit))
+    with pytest.raises(MergeError, match=r"holds split\(s\) dev that the inputs do not have"):
+        merge([a, b], out, overwrite=True)
+
+
+def test_merge_refuses_to_clear_a_split_parked_by_a_stopped_swap(a_b: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = a_b
+    out = tmp_path / "out"
+    merge([a, b], out)
+    parked = out / ".merge-staging" / "train.old"  # as a merge killed between its two renames leaves it
+    shutil.copytree(out / "train", parked)
+    with pytest.raises(MergeError, match=r"holds train.old, left by a merge stopped while swapping"):
+        merge([a, b], out, overwrite=True)
+    assert (parked / "manifest.json").is_file()

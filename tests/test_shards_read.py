@@ -206,16 +206,18 @@ def test_a_malformed_pax_header_is_a_clear_error_not_a_hang(tmp_path, record):
         signal.signal(signal.SIGALRM, previous)
 
 
-def test_a_size_field_past_the_end_of_the_file_is_a_clear_error(tmp_path):
-    """A header with a valid checksum claiming 8 GiB: refused before anything is read (it used to ask for
-    8 GiB at once)."""
+@pytest.mark.parametrize("size, reason", [(b"%011o\0" % (8 << 30), "a member runs past the end"),
+                                          (b"-1".rjust(11) + b"\0", "a header's checksum or size is negative")])
+def test_a_size_field_past_the_end_of_the_file_is_a_clear_error(tmp_path, size, reason):
+    """A header with a valid checksum claiming 8 GiB, or -1: refused before anything is read (one used to ask
+    for 8 GiB at once, the other read the rest of the file)."""
     data = bytearray(_tar_bytes([("a.cls", b"1"), ("b.cls", b"2")]))
     header = data[512 * 2: 512 * 3]  # the second member's header
-    header[124:136] = b"%011o\0" % (8 << 30)
+    header[124:136] = size
     header[148:156] = b" " * 8
     header[148:156] = b"%06o\0 " % sum(header)
     data[512 * 2: 512 * 3] = header
     path = tmp_path / "t.tar"
     path.write_bytes(bytes(data))
-    with pytest.raises(ShardError, match=rf"{path}: unreadable or truncated shard \(a member runs past the end"):
+    with pytest.raises(ShardError, match=rf"{path}: unreadable or truncated shard \({reason}"):
         list(iter_shard(path))

@@ -198,8 +198,9 @@ def test_long_recordings_are_cut_into_segments_and_nothing_is_dropped(tmp_path: 
     (src / "cut.wav").write_bytes(cut[: len(cut) * 55 // 100])  # 11 s left, the header still promises 20 s
     summary = build(src, tmp_path / "out", workers=2, shard_samples=2, segment_seconds=4.0, progress=False)[0]
     split = tmp_path / "out/train"
-    reasons = {json.loads(line)["reason"] for line in (split / REJECTED_NAME).read_text().splitlines()}
-    assert summary.rejected > 0 and all(r.startswith("truncated") for r in reasons)
+    lines = [json.loads(line) for line in (split / REJECTED_NAME).read_text().splitlines()]
+    assert summary.rejected == len(lines) == 1  # once for the file, not once per segment
+    assert lines[0]["path"] == "cut.wav" and lines[0]["reason"].startswith("truncated")
     metas = [s.meta() for shard in DatasetManifest.load(split).shard_paths(split) for s in iter_shard(shard)]
     got = {m["id"]: (round(m["duration"], 3), round(m.get("offset", -1), 3)) for m in metas}
     assert got == {"long__seg00000": (4.0, 0.0), "long__seg00001": (4.0, 4.0), "long__seg00002": (2.4, 8.0),
@@ -291,3 +292,35 @@ def test_out_must_be_a_folder_without_another_datasets_splits(tmp_path: Path) ->
     with pytest.raises(SourceError, match="holds split\\(s\\) test, val that SRC does not have"):
         build(src, out, workers=1, progress=False)  # a folder source: train only
     assert (out / "val/manifest.json").exists()  # refused before anything was touched
+
+
+def test_the_source_path_as_written_is_part_of_a_shards_fingerprint(tmp_path: Path) -> None:
+    """Each sample's JSON records the path as the source wrote it: `./g000.wav` then `g000.wav` must give
+    the shard a fresh build gives, not the old one kept."""
+    src = tmp_path / "raw"
+    good = _good_corpus(src, 2)
+    listing = src / "list.csv"
+    listing.write_text("files\n" + "".join(f"./{n}\n" for n in good))
+    build(listing, tmp_path / "out", workers=1, progress=False)
+    listing.write_text("files\n" + "".join(f"{n}\n" for n in good))
+    assert build(listing, tmp_path / "out", workers=1, progress=False)[0].reused == 0
+    build(listing, tmp_path / "fresh", workers=1, progress=False)
+    assert (tmp_path / "out/train/audio-000000.tar").read_bytes() == (tmp_path / "fresh/train/audio-000000.tar").read_bytes()
+
+
+def test_a_rebuild_keeps_an_earlier_builds_label_order(tmp_path: Path) -> None:
+    """Builds before integer labels sorted numerically wrote '10' before '2': a rebuild into that OUT keeps
+    the order its models were trained with."""
+    src = tmp_path / "raw"
+    good = _good_corpus(src, 3)
+    listing = src / "list.csv"
+    listing.write_text("wav,label\n" + "".join(f"{n},{lab}\n" for n, lab in zip(good, ["2", "10", "1"])))
+    out = tmp_path / "out"
+    build(listing, out, workers=1, progress=False)
+    assert DatasetManifest.load(out / "train").labels == ["1", "2", "10"]
+    raw = json.loads((out / "train/manifest.json").read_text())
+    raw["labels"] = ["1", "10", "2"]  # as the older builder wrote it
+    (out / "train/manifest.json").write_text(json.dumps(raw))
+    build(listing, out, workers=1, progress=False)
+    assert DatasetManifest.load(out / "train").labels == ["1", "10", "2"]
+    verify_split(out / "train")

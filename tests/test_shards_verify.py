@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from unfused_dist.data.loader import label_shard_name
 from unfused_dist.data.manifest import DatasetManifest
 from unfused_dist.data.shards import iter_shard
 
-CLI = Path("/work/main/.venv/bin/unfused-shards")
+CLI = Path(sys.executable).parent / "unfused-shards"  # the venv running the tests
 REDO = "re-run the same `unfused-shards build` command"
 
 
@@ -184,3 +185,26 @@ def test_the_repair_the_error_names_works(tmp_path: Path) -> None:
     subprocess.run(command, capture_output=True, timeout=300)
     reports, errors = verify(out)
     assert errors == [] and len(reports) == 3
+
+
+def test_splits_of_one_dataset_share_one_vocabulary(tone_dataset: Path) -> None:
+    assert verify(tone_dataset)[1] == []
+    _edit_manifest(tone_dataset / "test", labels=["high", "low"])  # test's class 1 would be train's "low"...
+    _, errors = verify(tone_dataset)
+    assert any(e.startswith("test: ERROR") and "labels differ from" in e and "class ids differ" in e
+               for e in errors), errors
+
+
+def test_one_unreadable_manifest_is_one_error_line_the_other_splits_still_verified(tone_dataset: Path) -> None:
+    (tone_dataset / "test/manifest.json").write_text("{not json")
+    reports, errors = verify(tone_dataset)
+    assert sorted(r.split for r in reports) == ["train", "val"]
+    assert len(errors) == 1 and errors[0].startswith("test: ERROR")
+
+
+def test_a_split_folder_reached_through_a_symlink_keeps_its_name(tone_dataset: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "store" / "train_v2"
+    elsewhere.parent.mkdir()
+    shutil.move(tone_dataset / "train", elsewhere)
+    (tone_dataset / "train").symlink_to(elsewhere)
+    verify_split(tone_dataset / "train")

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..engine.preemption import ignore_in_workers
 from .batchpool import PooledLoader, collate, new_iteration
 from .manifest import DatasetManifest
-from .shards import RawSample, ShardError, iter_shard, iter_shard_with_labels
+from .shards import RawSample, ShardError, ShardUnavailable, iter_shard, iter_shard_with_labels
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +167,9 @@ class ShardStream(IterableDataset):
 
     Training mode (`batch_size` set): the shards, in an order shuffled by (seed, epoch), are read as one
     circular sequence of samples, and every lane (a DataLoader worker of a rank) takes its own contiguous
-    range of it, of exactly `batches_per_lane()` full batches, the ranges starting at an offset drawn by
-    (seed, epoch); the remainder (under one batch per lane) is thus a different run of samples each epoch,
-    even with a single shard. So every rank steps together, an epoch delivers each sample at most once, and
+    range of it, of exactly `batches_per_lane()` full batches; when shuffled, the ranges start at an offset
+    drawn by (seed, epoch), so the remainder (under one batch per lane) is a different run of samples each
+    epoch, even with a single shard. So every rank steps together, an epoch delivers each sample at most once, and
     the DataLoader's in-order round robin over lanes is exact. The position in an epoch is one number,
     the batches consumed; resuming from it skips the samples already delivered without decoding them.
     Each sample's `rng` is seeded by its place in the epoch, so crops after a resume equal those of an
@@ -223,6 +223,10 @@ class ShardStream(IterableDataset):
         return {**self.layout(), "epoch": self.epoch, "batches_done": self.batches_done}
 
     def load_state_dict(self, state: dict) -> None:
+        if "shard_sizes" not in state:
+            raise LoaderStateError(f"{self.source.split_dir}: the checkpoint's loader state is from an older version "
+                                   "(no shard sizes; samples were laid out differently then), so its position cannot "
+                                   "be resumed exactly; start a new run, or continue from its weights at an epoch start")
         changed = [f"{k} {state.get(k)} -> {v}" for k, v in self.layout().items() if state.get(k) != v]
         if changed:
             raise LoaderStateError(f"{self.source.split_dir}: the data layout changed since the checkpoint "
@@ -312,8 +316,9 @@ class ShardStream(IterableDataset):
 
     def _unreadable(self, error: ShardError, lane: int, missing: int | None) -> None:
         """A shard that stopped short: `missing` positions of the lane's range it did not fill (None: the
-        mode has no positions, and the rest of the shard is skipped)."""
-        if self.bad_samples == "fail":
+        mode has no positions, and the rest of the shard is skipped). A shard that cannot be opened at all
+        stops the run whatever bad_samples says: a wrong path is no damage to skip."""
+        if self.bad_samples == "fail" or isinstance(error, ShardUnavailable):
             raise error
         lost = ("the rest of the shard is skipped" if missing is None else "no sample was lost" if missing == 0
                 else f"{missing} of this worker's samples from it count as bad and are replaced")

@@ -24,6 +24,11 @@ class ShardError(UnfusedError, ValueError):
     """A shard that cannot be read as the data contract says; the message names the shard."""
 
 
+class ShardUnavailable(ShardError):
+    """A shard that cannot be opened at all (missing, no permission): a setup problem (a wrong path, a deleted
+    shard), never damage for the loader to skip."""
+
+
 class LabelAlignmentError(ShardError):
     """A label shard whose keys differ from its audio shard's."""
 
@@ -72,7 +77,12 @@ def iter_shard(path: str | Path) -> Iterator[RawSample]:
     path = str(path)
     current: RawSample | None = None
     try:
-        with open(path, "rb", buffering=1 << 20) as f:
+        f = open(path, "rb", buffering=1 << 20)
+    except OSError as e:
+        raise ShardUnavailable(f"{path}: cannot open this shard ({e.strerror or e}); check the dataset's path, or "
+                               "rebuild it with `unfused-shards build`") from None
+    try:
+        with f:
             for fname, data in _tar_members(f, os.fstat(f.fileno()).st_size):
                 base, dot, ext = fname.rpartition("/")[2].partition(".")
                 key = fname[: len(fname) - len(ext) - 1] if dot else fname
@@ -131,6 +141,8 @@ def _tar_members(f, file_size: int) -> Iterator[tuple[str, bytes]]:
             stored, size = _octal(header[148:156]), _octal(header[124:136])
         except ValueError:
             raise _Truncated("a header's checksum or size is not a number: not a tar header") from None
+        if size < 0 or stored < 0:  # int() takes a sign: "-1" would read the rest of the file
+            raise _Truncated("a header's checksum or size is negative: not a tar header")
         if stored % _ADLER_BASE != _byte_sum_mod(header):
             raise _Truncated("a header's checksum is wrong")
         pos += _BLOCK + size + -size % _BLOCK
