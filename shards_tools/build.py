@@ -35,7 +35,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from shards_tools.plan import Entry, ShardPlan, plan_shards, segment_entries, survey
-from shards_tools.sources import Source, SourceError, read_source
+from shards_tools.sources import Source, SourceError, read_source, sort_labels
 from unfused_dist.artefacts import atomic_write_text
 from unfused_dist.audio.io import CODECS, TARGET_SR, AudioDecodeError, encode_audio, load_file, load_frames, resample
 from unfused_dist.data.manifest import (MANIFEST_NAME, SHARD_GLOB, BuildInfo, DatasetManifest, ManifestError, ShardInfo,
@@ -121,16 +121,21 @@ def _kept_label_order(out: Path, labels: list[str] | None) -> list[str] | None:
             old = DatasetManifest.load(directory).labels
         except ManifestError:
             continue
-        if old and sorted(old) == sorted(labels):
+        if old and old != labels and old in (sorted(labels), sort_labels(labels)):  # the order of either builder
             return old
     return labels
 
 
 def _build_split(source: Source, split: str, directory: Path, opts: Options, pool: _Workers, command: str,
                  progress: bool) -> SplitSummary:
-    directory.mkdir(parents=True, exist_ok=True)
     records_dir = directory / RECORDS_DIR
-    records_dir.mkdir(exist_ok=True)
+    try:
+        records_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(records_dir, os.W_OK | os.X_OK) or not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise SourceError(f"{directory}: cannot write the split here ({e.strerror or e}); make it a folder you can "
+                          "write, or choose another OUT") from None
     with _exclusive(records_dir / "lock", directory):
         # manifest first: from here until the end the split is visibly incomplete
         (directory / MANIFEST_NAME).unlink(missing_ok=True)

@@ -14,6 +14,7 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -80,7 +81,7 @@ def _build(args: argparse.Namespace, argv: list[str]) -> int:
     summaries = build(args.src, args.out, workers=args.workers, shard_samples=args.shard_samples,
                       shard_mb=args.shard_mb, segment_seconds=args.segment_seconds, sample_rate=args.sample_rate,
                       codec=args.codec,
-                      labels_from_dirs=args.labels_from_dirs, command=shlex.join(["unfused-shards", *argv]),
+                      labels_from_dirs=args.labels_from_dirs, command=_recorded(argv, args.src, args.out),
                       progress=not args.quiet)
     for s in summaries:
         print(s.line())
@@ -90,6 +91,12 @@ def _build(args: argparse.Namespace, argv: list[str]) -> int:
               file=sys.stderr)
         return EXIT_REJECTED
     return EXIT_OK
+
+
+def _recorded(argv: list[str], *paths: str) -> str:
+    """The command as the manifest records it, SRC and OUT made absolute: verify's repair advice quotes it,
+    and it must work from any folder."""
+    return shlex.join(["unfused-shards", *(os.path.abspath(a) if a in paths else a for a in argv)])
 
 
 def _verify(args: argparse.Namespace) -> int:

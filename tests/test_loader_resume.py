@@ -3,6 +3,7 @@ the samples skipped are never decoded, and every rank and worker yields the same
 import gc
 import json
 import logging
+import signal
 
 import numpy as np
 import pytest
@@ -346,3 +347,52 @@ def test_unreadable_json_is_a_bad_sample_parsed_only_by_the_lane_that_delivers_i
     with pytest.raises(ShardError, match=rf"sample '{bad}' has unreadable JSON"):
         list(stream(0, "fail"))
     assert len(list(stream(1, "fail"))) == 4
+
+
+def test_resampled_shards_where_nothing_decodes_are_an_error_not_a_hang(tmp_path, corrupt_audio):
+    split = build_noise_dataset(tmp_path, 8, shard_samples=2)
+    for shard in sorted(split.glob("audio-*.tar")):
+        for i in range(2):
+            corrupt_audio(shard, i)
+
+    def hung(*_):
+        raise TimeoutError("still drawing after 60 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    # A resampled stream never ends: it used to draw bad samples for ever. Every second after the first 60,
+    # since a decoder's catch-all may take one TimeoutError for a bad sample.
+    signal.setitimer(signal.ITIMER_REAL, 60, 1)
+    try:
+        with pytest.raises(ShardError, match=r"found no sample it could decode in \d+ draws"):
+            _epoch(_stream(split, world=1, workers=0, batch_size=2, resampled=True), 0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("json_bytes", [b"[1, 2]", b'{"label": [1]}', b"[" * 100000])
+def test_json_that_is_no_object_or_whose_label_is_no_text_is_a_bad_sample(tone_dataset, json_bytes):
+    split = tone_dataset / "train"
+    shard = split / "audio-000001.tar"
+    members = read_tar(shard)
+    bad = members[0][0].split(".")[0]
+    write_tar(shard, [(n, json_bytes if n == f"{bad}.json" else d) for n, d in members])
+    stream = ShardStream(ShardSource(split), _label_of, seed=0, shuffle=False, batch_size=4)
+    delivered = [k for k, _ in stream]
+    assert len(delivered) == 12 and bad not in delivered and stream.bad_count == 1
+
+
+def test_a_resume_over_another_subset_of_keys_with_the_same_counts_is_refused(tone_dataset):
+    split = tone_dataset / "train"
+    keys = [s.key for i in range(4) for s in ShardSource(split).iter_shard(i)]
+    by_shard = [keys[i:i + 3] for i in range(0, 12, 3)]
+
+    def subset_stream(pick):
+        chosen = frozenset(shard_keys[pick] for shard_keys in by_shard)  # one clip of each shard
+        return ShardStream(ShardSource(split, keys=chosen, counts=[1, 1, 1, 1]), _key_and_draw, seed=0,
+                           shuffle=True, batch_size=1)
+
+    state = subset_stream(0).state_dict()
+    subset_stream(0).load_state_dict(state)
+    with pytest.raises(LoaderStateError, match="keys [0-9a-f]+ -> [0-9a-f]+"):
+        subset_stream(1).load_state_dict(state)

@@ -308,19 +308,46 @@ def test_the_source_path_as_written_is_part_of_a_shards_fingerprint(tmp_path: Pa
     assert (tmp_path / "out/train/audio-000000.tar").read_bytes() == (tmp_path / "fresh/train/audio-000000.tar").read_bytes()
 
 
-def test_a_rebuild_keeps_an_earlier_builds_label_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize("labels, edited, after", [
+    (["2", "10", "1"], ["1", "10", "2"], ["1", "10", "2"]),  # the older builder's text order: kept
+    (["b", "c", "a"], ["c", "b", "a"], ["a", "b", "c"]),  # an order no builder wrote (verify says rebuild): fixed
+])
+def test_a_rebuild_keeps_an_earlier_builders_label_order_and_repairs_any_other(tmp_path: Path, labels, edited,
+                                                                             after) -> None:
     """Builds before integer labels sorted numerically wrote '10' before '2': a rebuild into that OUT keeps
-    the order its models were trained with."""
+    the order its models were trained with. Any other order is what verify tells the user to rebuild."""
     src = tmp_path / "raw"
     good = _good_corpus(src, 3)
     listing = src / "list.csv"
-    listing.write_text("wav,label\n" + "".join(f"{n},{lab}\n" for n, lab in zip(good, ["2", "10", "1"])))
+    listing.write_text("wav,label\n" + "".join(f"{n},{lab}\n" for n, lab in zip(good, labels)))
     out = tmp_path / "out"
     build(listing, out, workers=1, progress=False)
-    assert DatasetManifest.load(out / "train").labels == ["1", "2", "10"]
+    assert DatasetManifest.load(out / "train").labels == sorted(labels, key=lambda x: (len(x), x))
     raw = json.loads((out / "train/manifest.json").read_text())
-    raw["labels"] = ["1", "10", "2"]  # as the older builder wrote it
+    raw["labels"] = edited
     (out / "train/manifest.json").write_text(json.dumps(raw))
     build(listing, out, workers=1, progress=False)
-    assert DatasetManifest.load(out / "train").labels == ["1", "10", "2"]
+    assert DatasetManifest.load(out / "train").labels == after
     verify_split(out / "train")
+
+
+def test_a_split_folder_that_is_not_a_folder_is_a_clear_error(tmp_path: Path) -> None:
+    src = tmp_path / "raw"
+    _good_corpus(src, 2)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/train").write_text("x")
+    r = subprocess.run([str(CLI), "build", str(src), str(tmp_path / "out"), "--quiet"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"unfused-shards build: {tmp_path / 'out/train'}: cannot write the split here " \
+                               "(Not a directory); make it a folder you can write, or choose another OUT"
+
+
+def test_the_recorded_build_command_works_from_any_folder(tmp_path: Path) -> None:
+    src = tmp_path / "raw"
+    _good_corpus(src, 2)
+    r = subprocess.run([str(CLI), "build", "raw", "out", "--quiet"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert DatasetManifest.load(tmp_path / "out/train").build.command == \
+        f"unfused-shards build {tmp_path / 'raw'} {tmp_path / 'out'} --quiet"

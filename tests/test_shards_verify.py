@@ -208,3 +208,12 @@ def test_a_split_folder_reached_through_a_symlink_keeps_its_name(tone_dataset: P
     shutil.move(tone_dataset / "train", elsewhere)
     (tone_dataset / "train").symlink_to(elsewhere)
     verify_split(tone_dataset / "train")
+
+
+def test_a_shard_entry_of_the_wrong_type_is_a_one_line_error(tone_dataset: Path) -> None:
+    raw = json.loads((tone_dataset / "train/manifest.json").read_text())
+    raw["shards"][0]["num_samples"] = "x"
+    (tone_dataset / "train/manifest.json").write_text(json.dumps(raw))
+    r = subprocess.run([str(CLI), "verify", str(tone_dataset)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "train: ERROR" in r.stderr and "has a field of the wrong type" in r.stderr

@@ -214,8 +214,10 @@ class ShardStream(IterableDataset):
         """What must not change for a resume to be exact: everything that decides which sample lands where.
         (The shards' content is not in it: re-encoded shards with the same keys and counts resume exactly.)"""
         sizes = hashlib.sha256(",".join(map(str, self.source.counts)).encode()).hexdigest()[:12]
-        return {"world": self.world, "workers": self.workers, "batch_size": self.batch_size, "seed": self.seed,
-                "shards": len(self.source.counts), "samples": sum(self.source.counts), "shard_sizes": sizes,
+        keys = getattr(self.source, "keys", None)  # a subset with the same counts would land on other samples
+        subset = {"keys": hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:12]} if keys else {}
+        return {**subset, "world": self.world, "workers": self.workers, "batch_size": self.batch_size,
+                "seed": self.seed, "shards": len(self.source.counts), "samples": sum(self.source.counts), "shard_sizes": sizes,
                 "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer if self.shuffle else None,
                 "resampled": self.resampled}
 
@@ -353,6 +355,10 @@ class ShardStream(IterableDataset):
         to j yields what an uninterrupted run yields, and every lane yields exactly `quota - skip` items."""
         rng = PositionRng(self.seed, self.epoch, self.rank, lane)
         pending: list[int] = []  # positions whose own sample was bad, waiting for the next good one
+        # resampled streams never end: past this many bad samples in a row, nothing in the shards decodes
+        # (with 9 shards in 10 bad, a false alarm needs ~100 bad shard draws in a row: 3e-5)
+        give_up = 10 * sum(self.source.counts) + 100
+        streak = 0
         for j, s in enumerate(samples()):
             if j >= quota and not pending:
                 return
@@ -367,8 +373,13 @@ class ShardStream(IterableDataset):
                 self._bad(s, e, lane)
                 if j < quota:
                     pending.append(j)
+                streak += 1
+                if streak > give_up:
+                    raise ShardError(f"{self.source.split_dir}: rank {self.rank} worker {lane} found no sample it "
+                                     f"could decode in {streak} draws; run `unfused-shards verify`") from None
                 continue
             pending.clear()
+            streak = 0
             yield from items
         if pending:  # the lane's last samples were bad: wrap around to its first good one
             for s in samples():

@@ -128,10 +128,21 @@ class DatasetManifest:
             num_samples=int(raw["num_samples"]),
             total_seconds=float(raw["total_seconds"]),
             labels=list(labels) if labels is not None else None,
-            shards=[ShardInfo(**s) for s in raw["shards"]],
+            shards=[_shard_info(s) for s in raw["shards"]],
             build=BuildInfo(**raw["build"]),
             format_version=int(version),
         )
+
+
+def _shard_info(raw: dict[str, Any]) -> ShardInfo:
+    """A shard's entry, its field types checked: a hand-edited manifest must fail here, in one line, not as a
+    TypeError deep in whatever sums its counts."""
+    info = ShardInfo(**raw)
+    texts = (info.name, info.sha256, info.first_key, info.last_key)
+    if (not isinstance(info.num_samples, int) or not isinstance(info.seconds, (int, float))
+            or not all(isinstance(t, str) for t in texts)):
+        raise ValueError(f"shard {raw.get('name')!r} has a field of the wrong type")
+    return info
 
 
 def is_split_dir(path: str | Path) -> bool:

@@ -46,13 +46,21 @@ class RawSample:
         """The JSON label's index in `vocab` (-1 without a vocabulary or for a label outside it). Parsed when
         asked for, not when read: a sample that is never delivered is never parsed, and unreadable JSON fails
         where a bad decode does, inside the stream's bad-sample handling."""
-        return self.vocab.get(self.meta().get("label"), -1) if self.vocab else -1
+        if not self.vocab:
+            return -1
+        label = self.meta().get("label")
+        if label is not None and not isinstance(label, str):
+            raise ShardError(f"{self.shard}: sample '{self.key}' has a label that is not text ({label!r})")
+        return self.vocab.get(label, -1)
 
     def meta(self) -> dict[str, Any]:
         try:
-            return json.loads(self.members["json"]) if "json" in self.members else {}
-        except ValueError as e:
+            meta = json.loads(self.members["json"]) if "json" in self.members else {}
+        except (ValueError, RecursionError) as e:
             raise ShardError(f"{self.shard}: sample '{self.key}' has unreadable JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise ShardError(f"{self.shard}: sample '{self.key}' has JSON that is not an object ({type(meta).__name__})")
+        return meta
 
     def audio(self, sample_rate: int) -> np.ndarray:
         ext = "flac" if "flac" in self.members else "wav"
@@ -69,7 +77,10 @@ class RawSample:
         return wave
 
     def cls(self) -> int:
-        return int(self.members["cls"].decode().strip())
+        try:
+            return int(self.members["cls"].decode().strip())
+        except (KeyError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+            raise ShardError(f"{self.shard}: sample '{self.key}' has no class id as its .cls ({e})") from None
 
 
 def iter_shard(path: str | Path) -> Iterator[RawSample]:
