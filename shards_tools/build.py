@@ -35,7 +35,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from shards_tools.plan import Entry, ShardPlan, plan_shards, segment_entries, survey
-from shards_tools.sources import Source, SourceError, read_source, sort_labels
+from shards_tools.sources import Source, SourceError, builder_label_orders, read_source
 from unfused_dist.artefacts import atomic_write_text
 from unfused_dist.audio.io import CODECS, TARGET_SR, AudioDecodeError, encode_audio, load_file, load_frames, resample
 from unfused_dist.data.manifest import (MANIFEST_NAME, SHARD_GLOB, BuildInfo, DatasetManifest, ManifestError, ShardInfo,
@@ -121,7 +121,7 @@ def _kept_label_order(out: Path, labels: list[str] | None) -> list[str] | None:
             old = DatasetManifest.load(directory).labels
         except ManifestError:
             continue
-        if old and old != labels and old in (sorted(labels), sort_labels(labels)):  # the order of either builder
+        if old and old != labels and old in builder_label_orders(labels):
             return old
     return labels
 

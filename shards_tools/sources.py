@@ -96,6 +96,12 @@ def sort_labels(labels) -> list[str]:
     return sorted(labels)
 
 
+def builder_label_orders(labels) -> list[list[str]]:
+    """The orders a build may have given a vocabulary: sort_labels's, and plain text order, which builds before
+    2026-11-25 used for all-integer labels too ('10' before '2')."""
+    return [sort_labels(labels), sorted(labels)]
+
+
 def read_source(src: str | Path, labels_from_dirs: bool = False) -> Source:
     src = Path(src)
     if src.is_dir():

@@ -24,7 +24,7 @@ from itertools import zip_longest
 from pathlib import Path
 
 from shards_tools.build import RECORDS_DIR
-from shards_tools.sources import sort_labels
+from shards_tools.sources import builder_label_orders
 from unfused_dist.audio.io import AudioDecodeError, decode_audio
 from unfused_dist.data.loader import label_shard_name
 from unfused_dist.data.manifest import (MANIFEST_NAME, SHARD_GLOB, DatasetManifest, ManifestError, ShardInfo,
@@ -113,12 +113,6 @@ def parse_meta(shard_name: str, key: str, payload: bytes) -> dict:
         raise VerifyError(f"{shard_name}: {key}.json has id {meta.get('id') if isinstance(meta, dict) else None!r}, "
                           f"expected {key!r}")
     return meta
-
-
-def builder_label_orders(labels: list[str]) -> list[list[str]]:
-    """The orders a build may have given a vocabulary: the builder's (shards_tools.sources.sort_labels), and
-    plain text order, which builds used for all-integer labels too before numeric order ('2' before '10')."""
-    return [sort_labels(labels), sorted(labels)]
 
 
 def _check_manifest(directory: Path, manifest: DatasetManifest) -> None:
