@@ -48,12 +48,21 @@ def main(argv: list[str] | None = None) -> None:
             from .status import status_lines
             print("\n".join(status_lines(Path(args.run))))
         else:
-            from .status import cancel
-            ids = cancel(Path(args.run))
-            print(f"cancelled {', '.join(ids)}" if ids else "no unfinished jobs")
+            _cancel(Path(args.run))
     except UnfusedError as e:
         print(f"unfused: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _cancel(run: Path) -> None:
+    from .queue import describe_failures
+    from .status import cancel
+
+    ids, failed = cancel(run)
+    if ids or not failed:
+        print(f"cancelled {', '.join(ids)}" if ids else "no unfinished jobs")
+    if failed:
+        raise UnfusedError(f"scancel could not cancel {describe_failures(failed)}")
 
 
 def _launch(args, overrides: list[str]) -> None:

@@ -46,6 +46,12 @@ class ClusterResources:
     default: Resources = field(default_factory=Resources)
     jobs: dict[str, dict] = field(default_factory=dict)  # job kind -> overrides
     array_parts: int = 4
+    source: str = ""  # the resources file, for error messages ("" : the built-in defaults)
+
+    def section_of(self, kind: str) -> str:
+        """Where a job's resources come from, for error messages: "section 'pretrain' of FILE"."""
+        section = kind if kind in self.jobs else "default"
+        return f"section '{section}' of {self.source}" if self.source else "the built-in default resources"
 
     def for_job(self, kind: str) -> Resources:
         res = dataclasses.replace(self.default, extra=dict(self.default.extra))
@@ -66,18 +72,37 @@ def load_resources(path: str | Path | None) -> ClusterResources:
         raise ConfigError(f"{path}: resources file not found (see configs/slurm/ for examples)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    out = ClusterResources()
+    out = ClusterResources(source=str(path))
     for key, value in raw.items():
         if key == "default":
             _update(out.default, value or {}, prefix="default.", where=str(path))
+            _check_values(out.default, value or {}, "default", path)
         elif key == "array_parts":
-            out.array_parts = int(value)
+            # bool is an int to Python, but `array_parts: yes` is a mistake, not 1 part
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{path}: array_parts must be a whole number >= 1, got {value!r}")
+            out.array_parts = value
         elif key in JOB_KINDS:
-            _update(Resources(), value or {}, prefix=f"{key}.", where=str(path))  # validate the keys now
+            section = Resources()
+            _update(section, value or {}, prefix=f"{key}.", where=str(path))  # validate the keys now
+            _check_values(section, value or {}, key, path)
             out.jobs[key] = value or {}
         else:
             raise ConfigError(f"{path}: unknown section '{key}'; use default, array_parts or one of "
                               f"{', '.join(JOB_KINDS)}")
-    if out.array_parts < 1:
-        raise ConfigError(f"{path}: array_parts must be >= 1")
     return out
+
+
+# The least value of each numeric key that sbatch can be given (0 GPUs: a CPU job).
+MINIMUM = {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": 1, "time_min": 1,
+           "signal_seconds": 0}
+
+
+def _check_values(res: Resources, raw: dict, section: str, path) -> None:
+    """Refuse here what sbatch would refuse (or worse, accept): a zero or negative count or time."""
+    for key in raw:
+        value = getattr(res, key)
+        if key in MINIMUM and value < MINIMUM[key]:
+            raise ConfigError(f"{path}: '{section}.{key}' must be >= {MINIMUM[key]}, got {value}")
+        if key == "mem_gb" and value <= 0:
+            raise ConfigError(f"{path}: '{section}.mem_gb' must be > 0, got {value}")

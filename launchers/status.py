@@ -13,7 +13,8 @@ from unfused_dist.config import load_config
 from unfused_dist.engine.checkpoint import HISTORY, Checkpoints
 from unfused_dist.pipeline import stage_dir, stage_names
 
-from .submit import PSEUDOLABEL_JOBS, latest_jobs
+from .queue import base_id, live_ids, queued, scancel
+from .submit import PSEUDOLABEL_JOBS, launched_jobs
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
          "DEADLINE"}
@@ -64,10 +65,31 @@ def _training(stage_path: Path) -> tuple[str, str, str]:
     return step, str(where), f"{rate:.0f} clips/s" if rate else "-"
 
 
+def _shown_jobs(run: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """Job name -> the submission `status` shows: the newest one still pending or running, else the newest
+    (an earlier launch's job may still be live); and the SLURM state of every job, with squeue's reason for
+    a pending one ('PENDING (Dependency)')."""
+    every = launched_jobs(run)
+    slurm_ids = [j for job in every if job["cluster"] == "slurm" for j in job["job_ids"]]
+    states = job_states(slurm_ids)
+    in_queue = queued(slurm_ids)
+    for jid, (state, reason) in in_queue.items():
+        if state == "PENDING" and reason and reason != "None":
+            states[jid] = f"PENDING ({reason})"
+            if states.get(base_id(jid)) in (None, "PENDING"):
+                states[base_id(jid)] = states[jid]
+    live = {base_id(jid) for jid in in_queue}
+    shown: dict[str, dict] = {}
+    for job in every:  # oldest first: a newer submission replaces an older one unless only the older is live
+        old = shown.get(job["name"])
+        if old is None or not (base_id(old["job_ids"][0]) in live and base_id(job["job_ids"][0]) not in live):
+            shown[job["name"]] = job
+    return shown, states
+
+
 def status_lines(run: Path) -> list[str]:
     cfg = load_config(Path(run) / "config.yaml")
-    jobs = latest_jobs(cfg.run.path)
-    states = job_states([j for job in jobs.values() for j in job["job_ids"] if job["cluster"] == "slurm"])
+    jobs, states = _shown_jobs(cfg.run.path)
     rows = [("stage", "state", "job", "step/total", "newest checkpoint", "throughput")]
     for stage in stage_names(cfg):
         d = stage_dir(cfg, stage)
@@ -85,15 +107,10 @@ def status_lines(run: Path) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
-def cancel(run: Path) -> list[str]:
-    """scancel every job of the run the scheduler has not finished; returns the ids cancelled."""
+def cancel(run: Path) -> tuple[list[str], dict[str, str]]:
+    """scancel every pending or running job of every launch of the run; returns (the ids cancelled,
+    id -> why for those scancel refused). Jobs SLURM no longer knows have finished: they are left alone."""
     cfg = load_config(Path(run) / "config.yaml")
-    jobs = [j for job in latest_jobs(cfg.run.path).values() if job["cluster"] == "slurm" for j in job["job_ids"]]
-    states = job_states(jobs)
-    live = sorted({j.split("_")[0] for j in jobs if (states.get(j) or states.get(j.split("_")[0])) not in FINAL})
-    if live:
-        subprocess.run(["scancel", *live], check=True)
-    return live
-
-
-
+    live = live_ids([j for job in launched_jobs(cfg.run.path) if job["cluster"] == "slurm" for j in job["job_ids"]])
+    failed = scancel(live)
+    return [j for j in live if j not in failed], failed

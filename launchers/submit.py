@@ -8,11 +8,15 @@ The job graph of `pipeline`:
     finetune-scratch; finetune-teacher_* after pretrain; finetune-unfused_* after distill
     evaluate after every finetune row
 
-Stages already done (done.json) are not submitted, and dependencies on them are dropped.
+Stages already done (done.json) are not submitted, and dependencies on them are dropped. A launch is refused
+while jobs of an earlier launch of the run are still pending or running (they would train into the same
+directories, and the new jobs would not wait for them). A job whose dependency failed is cancelled by SLURM
+(kill-on-invalid-dep), not left pending; a submission sbatch refuses cancels the jobs this launch had queued.
 """
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +29,7 @@ from unfused_dist.errors import UnfusedError
 from unfused_dist.pipeline import stage_dir, stage_names
 
 from .jobs import StageJob, job_kind
+from .queue import describe_failures, live_ids, scancel
 from .resources import ClusterResources
 
 LAUNCH_FILE = "launch.json"
@@ -88,6 +93,7 @@ def launch(cfg: Config, config_path: Path, target: str, cluster: str, resources:
     if not specs:
         print(f"[launch] {target}: every stage is done already ({cfg.run.path})")
         return []
+    _refuse_if_live(cfg.run.path)
     (Path(cfg.metrics.targets_dir or cfg.run.path / "metrics" / "targets")).mkdir(parents=True, exist_ok=True)
     ids: dict[str, str] = {}  # job name -> SLURM job id (an array's base id covers all its tasks)
     submitted = []
@@ -103,10 +109,16 @@ def launch(cfg: Config, config_path: Path, target: str, cluster: str, resources:
         params = res.executor_parameters(f"{cfg.run.name}-{spec.name}")
         after = [ids[a] for a in spec.after if a in ids]
         if after and cluster == "slurm":
+            # kill-on-invalid-dep: when a job it waits for fails, SLURM cancels this one instead of leaving
+            # it pending forever (DependencyNeverSatisfied)
             params["slurm_additional_parameters"] = {**params.get("slurm_additional_parameters", {}),
-                                                     "dependency": "afterok:" + ":".join(after)}
+                                                     "dependency": "afterok:" + ":".join(after),
+                                                     "kill-on-invalid-dep": "yes"}
         executor.update_parameters(**params)
-        jobs = _submit(executor, spec, str(config_path))
+        try:
+            jobs = _submit(executor, spec, str(config_path))
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
+            raise _refused(cfg.run.path, spec.name, resources.section_of(job_kind(spec.name)), e, submitted) from None
         ids[spec.name] = jobs[0].job_id.split("_")[0]
         submitted.append(Submitted(spec.name, [j.job_id for j in jobs], spec.after, spec.array, str(folder),
                                    time.time()))
@@ -117,6 +129,31 @@ def launch(cfg: Config, config_path: Path, target: str, cluster: str, resources:
                 job.results()  # every task of a multi-task job
         _record(cfg.run.path, launch_id, cluster, submitted)
     return submitted
+
+
+def _refuse_if_live(run: Path) -> None:
+    """Refuse to launch while jobs of an earlier launch of the run are pending or running."""
+    live = live_ids([j for job in launched_jobs(run) if job["cluster"] == "slurm" for j in job["job_ids"]])
+    if live:
+        raise UnfusedError(f"{run}: jobs {', '.join(live)} of an earlier launch are still pending or running; "
+                           f"wait for them to finish, or `unfused cancel {shlex.quote(str(run))}`, then launch again")
+
+
+def _refused(run: Path, name: str, section: str, error: Exception, submitted: list[Submitted]) -> UnfusedError:
+    """sbatch refused job `name`: cancel what this launch already queued (a relaunch would queue it again),
+    and say what was refused, why, and where its resources come from."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    why = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
+    queued = [s.job_ids[0].split("_")[0] for s in submitted]  # an array's base id cancels all its tasks
+    failed = scancel(queued)
+    if not queued:
+        done = "no job of this launch was queued"
+    elif failed:
+        done = (f"could not cancel the jobs this launch had queued: {describe_failures(failed)}; "
+                f"`unfused cancel {shlex.quote(str(run))}`")
+    else:
+        done = f"cancelled the jobs this launch had queued ({', '.join(queued)})"
+    return UnfusedError(f"sbatch refused job {name} (resources: {section}): {why.strip()}; {done}")
 
 
 def _submit(executor: submitit.AutoExecutor, spec: JobSpec, config_path: str) -> list[submitit.Job]:
@@ -134,13 +171,15 @@ def _record(run: Path, launch_id: str, cluster: str, submitted: list[Submitted])
     atomic_write_text(path, json.dumps(launches, indent=1))
 
 
+def launched_jobs(run: Path) -> list[dict]:
+    """Every job of every launch of the run, oldest launch first (with its launch's "cluster")."""
+    path = Path(run) / LAUNCH_FILE
+    if not path.exists():
+        return []
+    return [{**job, "cluster": launch_["cluster"]} for launch_ in json.loads(path.read_text())
+            for job in launch_["jobs"]]
+
+
 def latest_jobs(run: Path) -> dict[str, dict]:
     """Job name -> its most recent submission (from every launch of the run)."""
-    path = run / LAUNCH_FILE
-    if not path.exists():
-        return {}
-    out = {}
-    for launch_ in json.loads(path.read_text()):
-        for job in launch_["jobs"]:
-            out[job["name"]] = {**job, "cluster": launch_["cluster"]}
-    return out
+    return {job["name"]: job for job in launched_jobs(run)}

@@ -1,8 +1,9 @@
 """A small real training job for the engine tests, run under torchrun: real shards streamed by 2 DataLoader
 workers per rank, a DeepSpeed engine at the ZeRO stage asked for, random crops and dropout (so RNG states
-matter), checkpoints every few steps. It logs the sample keys of every batch it trains on, and can kill its
-whole process group (SIGKILL) or send itself SIGTERM at a chosen step, so the tests hit exact steps
-without timing races."""
+matter), checkpoints every few steps. It logs the sample keys of every batch it trains on and the step of
+every save it starts, and can kill its whole process group (SIGKILL) at a chosen step or inside a chosen
+save, send itself SIGTERM, or make a loss NaN at a chosen step, so the tests hit exact steps without
+timing races."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +53,13 @@ def main() -> None:
     p.add_argument("--kill-at", type=int, default=-1, help="rank 0 SIGKILLs the whole job before this step")
     p.add_argument("--sigterm-at", type=int, default=-1, help="the last rank SIGTERMs itself before this step")
     p.add_argument("--reshard", action="store_true")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--keep", type=int, default=2, help="engine.keep_checkpoints")
+    p.add_argument("--kill-in-save", type=int, default=-1,
+                   help="rank 0 SIGKILLs the whole job inside this invocation's n-th save (1-based), after "
+                        "DeepSpeed wrote its files")
+    p.add_argument("--nan-at", type=int, default=-1, help="the last rank's inputs are NaN from this step on")
+    p.add_argument("--config-hash", default="job")
     args = p.parse_args()
     out = Path(args.out)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -60,10 +68,12 @@ def main() -> None:
                          workers=2, batch_size=4, shuffle_buffer=8)
     steps = stream.batches_per_epoch()
     engine = EngineConfig(zero_stage=args.zero, save_every_steps=args.save_every, save_every_minutes=0,
-                          keep_checkpoints=2)
+                          keep_checkpoints=args.keep, grad_accum=args.grad_accum)
     optim = OptimConfig(name="adamw", lr=0.05, weight_decay=0.01, warmup_steps=3, schedule="cosine")
-    trainer = Trainer(Net(), engine, optim, 4, steps * args.epochs, out / "ckpt", "job", "job", reshard=args.reshard)
+    trainer = Trainer(Net(), engine, optim, 4, steps * args.epochs, out / "ckpt", args.config_hash, "job",
+                      reshard=args.reshard)
     log = open(out / f"keys-{args.name}-rank{rank}.jsonl", "a")
+    _log_saves(trainer, out / f"saves-{args.name}.txt", rank, args.kill_in_save)
 
     loader = make_loader(stream)
 
@@ -77,6 +87,8 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGTERM)
             log.write(json.dumps({"step": g, "keys": keys}) + "\n")
             log.flush()
+            if 0 <= args.nan_at <= g and rank == world - 1:
+                x = x * float("nan")
             yield x, y
 
     progress = trainer.fit(batches, steps, args.epochs, 4, data_layout=stream.layout())
@@ -84,6 +96,26 @@ def main() -> None:
     if rank == 0:
         torch.save(state, out / "final.pt")
         write_history(progress, out / "history.json")
+
+
+def _log_saves(trainer: Trainer, path: Path, rank: int, kill_in: int) -> None:
+    """Rank 0 appends the step of every save it starts to `path`; SIGKILLs the job inside save `kill_in`."""
+    save, write = trainer.checkpoints.save, trainer.engine.save_checkpoint
+    calls = []
+
+    def logged(engine, step, *a, **k):
+        calls.append(step)
+        if rank == 0:
+            with open(path, "a") as f:
+                f.write(f"{step}\n")
+        return save(engine, step, *a, **k)
+
+    def dying(*a, **k):
+        result = write(*a, **k)
+        if len(calls) == kill_in and rank == 0:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        return result
+    trainer.checkpoints.save, trainer.engine.save_checkpoint = logged, dying
 
 
 if __name__ == "__main__":

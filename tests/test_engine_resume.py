@@ -1,7 +1,10 @@
 """The engine's crash-proof exact resume, with 2 real processes (torchrun, gloo) and real shards: a job
 SIGKILLed at a random step and re-run ends with the weights, losses, learning rates and sample keys of an
-uninterrupted run, at ZeRO 1, 2 and 3; SIGTERM saves and exits 0; a truncated newest checkpoint falls back
-to the previous one; a changed world size is refused unless --reshard."""
+uninterrupted run, at ZeRO 1, 2 and 3 and with gradient accumulation; SIGTERM saves and exits 0; a truncated
+newest checkpoint falls back to the previous one; no step is saved twice and a crash mid-save keeps the
+previous checkpoint; a NaN loss stops the run before any save; an edited config is refused; a changed world
+size is refused unless --reshard, which trains the remaining epochs in the new layout (fewer or more
+processes, ZeRO 0 or 3)."""
 from __future__ import annotations
 
 import json
@@ -41,6 +44,11 @@ def _keys(out: Path, log: str, rank: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _saves(out: Path, log: str) -> list[int]:
+    path = out / f"saves-{log}.txt"
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
 def _history(out: Path) -> list[tuple]:
     return [(h["step"], h["epoch"], h["loss"], h["lr"]) for h in json.loads((out / "history.json").read_text())]
 
@@ -62,16 +70,17 @@ def _assert_same_run(got: Path, want: Path, logs: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory) -> dict[int, Path]:
-    """One uninterrupted run per ZeRO stage, made on first use."""
-    runs: dict[int, Path] = {}
+    """One uninterrupted run per ZeRO stage (and gradient accumulation), made on first use."""
+    runs: dict[tuple, Path] = {}
 
-    def get(zero: int) -> Path:
-        if zero not in runs:
-            out = tmp_path_factory.mktemp(f"ref{zero}")
-            r = _job(data, out, zero=zero)
+    def get(zero: int, grad_accum: int = 1) -> Path:
+        if (zero, grad_accum) not in runs:
+            out = tmp_path_factory.mktemp(f"ref{zero}-{grad_accum}")
+            r = _job(data, out, zero=zero, grad_accum=grad_accum)
             assert r.returncode == 0, r.stderr[-3000:]
-            runs[zero] = out
-        return runs[zero]
+            assert len(set(_saves(out, "run"))) == len(_saves(out, "run"))  # no step saved twice
+            runs[(zero, grad_accum)] = out
+        return runs[(zero, grad_accum)]
     return get
 
 
@@ -108,6 +117,57 @@ def test_sigterm_saves_exits_0_and_a_truncated_newest_checkpoint_falls_back(data
     _assert_same_run(tmp_path, reference(2), ["stopped", "resumed"])
 
 
+def test_with_grad_accum_saves_wait_for_the_accumulation_boundary_and_resume_exactly(data, reference, tmp_path):
+    # DeepSpeed saves no accumulated gradients: the step saves (every 3) and the SIGTERM one (step 13) must
+    # each wait for the end of their 2-step window
+    r = _job(data, tmp_path, zero=1, grad_accum=2, sigterm_at=12, name="stopped")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _saves(tmp_path, "stopped") == [4, 6, 10, 12, 14]
+    r = _job(data, tmp_path, zero=1, grad_accum=2, name="resumed")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _keys(tmp_path, "resumed", 0)[0]["step"] == 14
+    _assert_same_run(tmp_path, reference(1, 2), ["stopped", "resumed"])
+
+
+def test_no_step_is_saved_twice_and_a_crash_mid_save_keeps_the_previous_checkpoint(data, reference, tmp_path):
+    # keep_checkpoints=1: a save that replaced its predecessor before being complete would leave none.
+    # Saving every 4 steps, the epochs' last steps (8, 16, 24) are due too: each is saved once, after its epoch.
+    r = _job(data, tmp_path, zero=2, keep=1, save_every=4, kill_in_save=3, name="killed")
+    assert r.returncode != 0
+    assert _saves(tmp_path, "killed") == [4, 8, 12]
+    assert Checkpoints(tmp_path / "ckpt").tags() == ["step00000008"]
+    r = _job(data, tmp_path, zero=2, keep=1, save_every=4, name="resumed")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _keys(tmp_path, "resumed", 0)[0]["step"] == 8
+    assert _saves(tmp_path, "resumed") == [12, 16, 20, 24]
+    _assert_same_run(tmp_path, reference(2), ["killed", "resumed"])
+
+
+def test_a_nan_loss_stops_every_rank_before_any_save(data, tmp_path):
+    r = _job(data, tmp_path, zero=1, nan_at=13, name="nan")  # the last rank's step 14 (epoch 1)
+    assert r.returncode != 0
+    assert "the loss is not finite (NaN/inf) at epoch 1, step 14" in r.stderr
+    assert _saves(tmp_path, "nan") == [3, 6, 9, 12] and not (tmp_path / "final.pt").exists()
+    ckpts = Checkpoints(tmp_path / "ckpt")
+    for tag in ckpts.tags():
+        module = torch.load(tmp_path / "ckpt" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        assert all(torch.isfinite(v).all() for v in module.values())
+        json.loads((tmp_path / "ckpt" / tag / "history.json").read_text(), parse_constant=_no_bare_nan)
+
+
+def _no_bare_nan(word: str):
+    raise AssertionError(f"{word} in history.json is not JSON")
+
+
+def test_an_edited_config_is_refused_on_resume(data, tmp_path):
+    r = _job(data, tmp_path, zero=1, kill_at=5, config_hash="before", name="killed")
+    assert r.returncode != 0
+    r = _job(data, tmp_path, zero=1, config_hash="after", name="edited")
+    assert r.returncode != 0
+    assert "saved under config hash before, now after" in r.stderr
+    assert not _keys(tmp_path, "edited", 0)
+
+
 def test_a_changed_world_size_is_refused_unless_resharded(data, tmp_path):
     r = _job(data, tmp_path, zero=3, kill_at=14, name="killed")
     assert r.returncode != 0
@@ -118,7 +178,22 @@ def test_a_changed_world_size_is_refused_unless_resharded(data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resharded" in r.stdout + r.stderr
     # the newest checkpoint (step 12) is 4 steps into epoch 1: with 1 process an epoch is 16 steps, and
-    # epoch 1 restarts from its beginning, the schedule at the optimizer step where that epoch began (8)
+    # epoch 1 restarts from its beginning, step 16 in the new layout, where the schedule starts too
     assert _keys(tmp_path, "one", 0)[0]["step"] == 16
     history = json.loads((tmp_path / "history.json").read_text())
-    assert [h["step"] for h in history][:9] == list(range(1, 10)) and history[-1]["step"] == 8 + 2 * 16
+    assert [h["step"] for h in history] == list(range(1, 9)) + list(range(17, 49))  # epoch 0 in 2-process steps
+    assert history[-1]["lr"] == 0.0  # the cosine schedule ran to its end
+
+
+def test_reshard_to_more_processes_at_zero_0_trains_the_remaining_epochs(data, tmp_path):
+    r = _job(data, tmp_path, nproc=1, zero=0, kill_at=20, name="one")  # newest checkpoint: step 18, epoch 1
+    assert r.returncode != 0
+    r = _job(data, tmp_path, zero=0, name="two", reshard=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "restarting epoch 1 at step 8" in r.stdout + r.stderr  # 8 steps per epoch with 2 processes
+    assert _keys(tmp_path, "two", 0)[0]["step"] == 8 and _keys(tmp_path, "two", 1)[-1]["step"] == 23
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["step"] for h in history] == list(range(1, 17)) + list(range(9, 25))  # epoch 0 in 1-process steps
+    assert history[-1]["lr"] == 0.0
+    ckpts = Checkpoints(tmp_path / "ckpt")  # the 1-process checkpoints (steps up to 18) are gone
+    assert ckpts.tags() == ["step00000024", "step00000021"] and ckpts.newest_complete()[1]["world_size"] == 2

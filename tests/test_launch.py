@@ -74,4 +74,20 @@ def test_launch_local_runs_the_pseudolabel_jobs_arrays_included(tmp_path):
     assert len(jobs["pseudolabel-embed"]["job_ids"]) == 2 and jobs["pseudolabel-fit"]["after"] == ["pseudolabel-embed"]
     assert (run / "pseudolabel/done.json").is_file()
     verify_split(split)  # label shards align with the audio shards
-    assert json.loads((split / "labels/run/meta.json").read_text())["backend"] == "distributed (faiss-cpu)"
+    (meta,) = split.glob("labels/*/meta.json")  # the run's label folder (its name is pseudolabel's business)
+    assert json.loads(meta.read_text())["backend"] == "distributed (faiss-cpu)"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("array_parts: many\n", r"r.yaml: array_parts must be a whole number >= 1, got 'many'"),
+    ("array_parts: 0\n", r"r.yaml: array_parts must be a whole number >= 1, got 0"),
+    ("default: {nodes: 0}\n", r"r.yaml: 'default.nodes' must be >= 1, got 0"),
+    ("default: {time_min: -5}\n", r"r.yaml: 'default.time_min' must be >= 1, got -5"),
+    ("pretrain: {gpus_per_node: -2}\n", r"r.yaml: 'pretrain.gpus_per_node' must be >= 0, got -2"),
+    ("finetune: {mem_gb: 0}\n", r"r.yaml: 'finetune.mem_gb' must be > 0, got 0"),
+])
+def test_resources_refuse_values_sbatch_cannot_use_naming_file_section_and_key(tmp_path, text, message):
+    bad = tmp_path / "r.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_resources(bad)

@@ -49,7 +49,7 @@ def _times(job_ids: list[str]) -> dict[str, tuple[str, str]]:
 
 def test_the_ci_pipeline_on_slurm_runs_stage_by_stage_and_matches_the_local_run(slurm_cluster, ci_local_run,
                                                                                  tmp_path):
-    run = tmp_path / "ci_slurm"  # its own name: label shards go to labels/<run name>/
+    run = tmp_path / "ci_slurm"  # label shards go to labels/<run name>-<hash of its path>/
     r = _unfused("launch", "pipeline", "-c", "configs/ci.yaml", "--cluster", "slurm", "--resources",
                  "configs/slurm/ci.yaml", f"run.dir={run}", "run.name=ci_slurm", env=slurm_cluster.env)
     assert r.returncode == 0, r.stderr[-3000:]

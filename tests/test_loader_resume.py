@@ -396,3 +396,26 @@ def test_a_resume_over_another_subset_of_keys_with_the_same_counts_is_refused(to
     subset_stream(0).load_state_dict(state)
     with pytest.raises(LoaderStateError, match="keys [0-9a-f]+ -> [0-9a-f]+"):
         subset_stream(1).load_state_dict(state)
+
+
+def _key_and_cls(sample, rng):
+    return sample.key, sample.cls()
+
+
+def test_label_shards_out_of_line_stop_the_run_even_when_skipping(tmp_path):
+    """Pseudo-labels made for another build of the dataset are stale for the whole shard: skipping them as bad
+    samples would train on less data without a word. The run stops, naming both shards."""
+    split = build_noise_dataset(tmp_path, 20, shard_samples=5)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for shard in sorted(split.glob("audio-*.tar")):
+        keys = list(dict.fromkeys(name.split(".")[0] for name, _ in read_tar(shard)))
+        if shard.name == "audio-000002.tar":
+            keys[3] = "renamed"
+        write_tar(labels / shard.name.replace("audio-", "labels-"), [(f"{k}.cls", b"1") for k in keys])
+    for workers in (0, 2):
+        with pytest.raises(ShardError, match=r"labels-000002.tar has key 'renamed' at position 3"):
+            for rank in range(2):
+                stream = ShardStream(ShardSource(split, labels_dir=labels), _key_and_cls, seed=7, shuffle=True,
+                                     rank=rank, world=2, workers=workers, batch_size=5, shuffle_buffer=4)
+                _epoch(stream, 0)

@@ -3,6 +3,7 @@ labels and a file_sd target file; and a real Prometheus server discovers a runni
 and computes its throughput."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -94,7 +95,7 @@ def test_target_file_written_atomically_and_removed_on_close(tmp_path):
     port = m.address[1]
     assert port > 0 and not refused(port)
     files = sorted(p.name for p in targets.iterdir())
-    assert files == ["job_a_b-pseudolabel-rank3.json"]  # no temporary file left behind
+    assert files == [f"job_a_b-pseudolabel-rank3-127.0.0.1_{port}.json"]  # no temporary file left behind
     groups = json.loads((targets / files[0]).read_text())
     assert groups == [{"targets": [f"127.0.0.1:{port}"],
                        "labels": {"stage": "pseudolabel", "rank": "3", "job": "job/a b"}}]
@@ -122,9 +123,32 @@ def test_stage_metrics_from_the_run_config(tmp_path, monkeypatch):
     cfg = load_config(overrides=[f"run.dir={tmp_path / 'run'}", "run.name=exp"])
     with stage_metrics(cfg, "distill") as m:
         assert m.labels == {"stage": "distill", "rank": "5", "job": "exp"}
-        assert m.target_file == tmp_path / "run" / "metrics" / "targets" / "exp-distill-rank5.json"
+        key = hashlib.sha1(str((tmp_path / "run").resolve()).encode()).hexdigest()[:8]
+        assert m.target_file == tmp_path / "run" / "metrics" / "targets" / f"exp-distill-rank5-{key}.json"
     cfg = load_config(overrides=[f"metrics.targets_dir={tmp_path / 'shared'}", "metrics.enabled=false"])
     assert stage_metrics(cfg, "distill") is NULL
+
+
+def test_runs_sharing_a_targets_dir_keep_their_own_targets(tmp_path):
+    """Two runs given only run.dir (both named 'demo'), one shared metrics.targets_dir: each has its own
+    target file and job label, and a run that stops removes its own target only."""
+    shared = tmp_path / "shared"
+    cfgs = [load_config(overrides=[f"run.dir={tmp_path / r}", f"metrics.targets_dir={shared}"]) for r in "ab"]
+    a, b = (stage_metrics(cfg, "distill") for cfg in cfgs)
+    try:
+        assert a.target_file != b.target_file and a.labels["job"] != b.labels["job"]
+        assert a.labels["job"].startswith("demo-") and set(a.labels) == {"stage", "rank", "job"}
+        b.close()
+        assert [p.name for p in shared.iterdir()] == [a.target_file.name]
+        assert json.loads(a.target_file.read_text())[0]["targets"] == [f"127.0.0.1:{a.address[1]}"]
+        again = stage_metrics(cfgs[0], "distill")  # run a's job restarted: its new exporter takes the file over
+        assert again.target_file == a.target_file
+        a.close()  # the old exporter leaves the restarted one's target in place
+        assert json.loads(again.target_file.read_text())[0]["targets"] == [f"127.0.0.1:{again.address[1]}"]
+        again.close()
+        assert list(shared.iterdir()) == []
+    finally:
+        a.close(), b.close()
 
 
 def test_disabled_serves_nothing(tmp_path, free_port):

@@ -113,7 +113,9 @@ def test_a_killed_embedding_dump_resumes_without_redoing_finished_shards(tmp_pat
     assert all(after[n] == t for n, t in before.items() if n.endswith(".json"))  # finished shards kept as they were
     assert len([n for n in after if n.endswith(".json")]) == 30
     verify_split(split)  # label shards: same keys, same order as every audio shard
-    meta = json.loads((split / "labels/run/meta.json").read_text())
+    labels = Path(json.loads((tmp_path / "run/pseudolabel/done.json").read_text())["labels_dir"])
+    assert labels.parent == split / "labels" and labels.name.startswith("run-")  # labels/<RUN>/: name + path hash
+    meta = json.loads((labels / "meta.json").read_text())
     assert meta["points"] == 120 and meta["fit_points"] == 120 and sum(meta["cluster_sizes"]) == 120
     assert meta["pca_points"] == 120 and meta["init_points"] == 120 and len(meta["objective"]) == 20
     assert (tmp_path / "run/pseudolabel/cluster_sizes.png").stat().st_size > 0

@@ -8,23 +8,28 @@ import os
 import sys
 from pathlib import Path
 
-from .config import RUNTIME_KEYS, Config, ConfigError, load_config, save_config
+from .config import Config, ConfigError, load_config, save_config
 from .errors import UnfusedError
 
 
 def prepare_run_dir(cfg: Config) -> Path:
-    """Save the resolved config in the run dir; refuse a run dir that holds a different config, since its
-    finished stages would be skipped and silently reused."""
+    """Save the resolved config in the run dir; refuse a run dir that holds a different run (Config.hash:
+    runtime keys and the run dir's own spelling do not count), since its finished stages would be skipped
+    and silently reused."""
     path = cfg.run.path / "config.yaml"
     if os.environ.get("RANK", "0") != "0":
         return path
     if path.exists():
         old = load_config(path)
         if old.hash() != cfg.hash():
-            diff = [d for d in _diff(old.to_dict(), cfg.to_dict()) if d.split(":")[0] not in RUNTIME_KEYS]
+            diff = _diff(old.identity(), cfg.identity())
             raise ConfigError(f"{path}: this run dir holds a run with a different config ({', '.join(diff[:4])}); "
-                              "choose another run.dir or delete the directory")
-    save_config(cfg, path)  # the same run; runtime keys (process count, checkpoint cadence) may have changed
+                              f"choose another run.dir, or continue that run with -c {path} run.dir={cfg.run.path}")
+    try:  # the same run; runtime keys (process count, checkpoint cadence) and run.dir's spelling may have changed
+        save_config(cfg, path)
+    except OSError as e:
+        raise ConfigError(f"run.dir {cfg.run.path}: cannot write the run dir ({e.strerror}); "
+                          "set run.dir to a writable directory") from None
     return path
 
 

@@ -1,7 +1,8 @@
 """Typed configuration: dataclasses per component, YAML load, dotted `key=value` overrides, validation.
 
 Every key a user can write is a field below. An unknown key is a one-line error naming the key and the
-nearest valid one; a value of the wrong type is a one-line error naming the key and the expected type.
+nearest valid one; a value of the wrong type, or outside its choices (CHOICES) or range (RANGES), is a
+one-line error naming the key, the value, where it came from (file or command line) and what to use.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import operator
 import difflib
 import hashlib
 import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -162,67 +165,234 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def hash(self) -> str:
-        """Identity of what the run computes. How it runs (RUNTIME_KEYS) may change between invocations:
-        a changed process count is then caught by the checkpoint (refused, or --reshard)."""
+    def identity(self) -> dict[str, Any]:
+        """What the run computes, as a dict: without how it runs (RUNTIME_KEYS) or where its outputs go
+        (run.dir: the run dir is the identity, so a moved run dir still resumes), and with the data paths
+        normalised, so that `d`, `d/`, `./d` and `/abs/d` are the same run."""
         d = self.to_dict()
-        for dotted in RUNTIME_KEYS:
+        for dotted in (*RUNTIME_KEYS, "run.dir"):
             section, key = dotted.split(".")
             d[section].pop(key)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        for dotted in DATA_PATH_KEYS:
+            section, key = dotted.split(".")
+            d[section][key] = normalise_path(d[section][key])
+        return d
+
+    def hash(self) -> str:
+        """Identity of what the run computes (see identity()): checkpoints and results store it, and a
+        resume compares it. A changed process count is caught by the checkpoint (refused, or --reshard)."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 RUNTIME_KEYS = ("run.nproc", "engine.save_every_steps", "engine.save_every_minutes", "engine.keep_checkpoints",
                 "metrics.enabled", "metrics.addr", "metrics.port", "metrics.targets_dir")
+DATA_PATH_KEYS = ("data.pool", "data.target")
 
 
-# Keys that take one of a few words.
-CHOICES = {"data.bad_samples": ("skip", "fail"), "pseudolabel.backend": ("cpu", "gpu", "distributed"),
-           "pseudolabel.init": ("kmeans++", "sampled"), "pseudolabel.layer": ("final", "block1"), "engine.precision": ("fp32", "bf16", "fp16"),
-           "engine.offload": ("none", "cpu"), "engine.zero_stage": (0, 1, 2, 3)}
+def normalise_path(path: str) -> str:
+    """One spelling per directory (relative to the working directory, as the stages read it)."""
+    return os.path.realpath(path) if path else path
+
+
+# Keys that take one of a few words, per dataclass (so every OptimConfig section is checked). A list field
+# (finetune.rows) is checked item by item.
+CHOICES: dict[type, dict[str, tuple]] = {
+    DataConfig: {"bad_samples": ("skip", "fail")},
+    OptimConfig: {"name": ("sgd", "adam", "adamw"), "schedule": ("cosine", "constant")},
+    EngineConfig: {"zero_stage": (0, 1, 2, 3), "precision": ("fp32", "bf16", "fp16"), "offload": ("none", "cpu")},
+    PretrainConfig: {"n_fc": (2, 3)},
+    PseudoLabelConfig: {"layer": ("final", "block1"), "backend": ("cpu", "gpu", "distributed"),
+                        "init": ("kmeans++", "sampled")},
+    DistillConfig: {"n_fc": (2, 3)},
+    FinetuneConfig: {"rows": ("scratch", "teacher_probe", "teacher_finetune", "unfused_probe", "unfused_finetune")},
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed numeric values: low <= x (low < x when low_open) and x <= high; floats must be finite."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def allows(self, x: float) -> bool:
+        if isinstance(x, float) and not math.isfinite(x):
+            return False
+        if self.low is not None and (x <= self.low if self.low_open else x < self.low):
+            return False
+        return self.high is None or x <= self.high
+
+    def describe(self, is_float: bool) -> str:
+        kind = "a finite number" if is_float else "an integer"
+        if self.low is not None and self.high is not None:
+            return f"{kind} from {self.low} to {self.high}"
+        return f"{kind} {'>' if self.low_open else '>='} {self.low}" if self.low is not None else kind
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE, FRACTION = Range(0), Range(1), Range(0, low_open=True), Range(0, 1)
+
+# Ranges per dataclass field. Every number a stage would otherwise only trip over later (a division by a
+# batch size, an empty epoch loop, a k-means with one cluster, a port the socket refuses) is checked here,
+# when the config loads, instead of hours into a run. Float fields not listed must still be finite.
+RANGES: dict[type, dict[str, Range]] = {
+    RunConfig: {"seed": Range(0, 2 ** 63 - 1), "nproc": AT_LEAST_1},
+    DataConfig: {"task_seconds": POSITIVE, "num_workers": AT_LEAST_0, "shuffle_buffer": AT_LEAST_1},
+    FrontendConfig: {"sample_rate": AT_LEAST_1, "n_fft": Range(2), "hop_length": AT_LEAST_1,
+                     "n_mels": Range(8),  # the encoder pools frequency by 8
+                     "f_min": AT_LEAST_0, "f_max": POSITIVE, "crop_seconds": POSITIVE, "eps": POSITIVE},
+    OptimConfig: {"lr": POSITIVE, "momentum": FRACTION, "weight_decay": AT_LEAST_0, "warmup_steps": AT_LEAST_0},
+    EngineConfig: {"grad_accum": AT_LEAST_1, "grad_clip": AT_LEAST_0, "save_every_steps": AT_LEAST_0,
+                   "save_every_minutes": AT_LEAST_0, "keep_checkpoints": AT_LEAST_1},
+    PretrainConfig: {"batch_size": AT_LEAST_1, "epochs": AT_LEAST_1, "max_steps": AT_LEAST_0, "ema": FRACTION,
+                     "proj_dim": AT_LEAST_1, "n_clusters": Range(2), "temperature": POSITIVE,
+                     "cluster_temperature": POSITIVE, "cluster_weight": AT_LEAST_0, "mixup_ratio": FRACTION,
+                     "norm_clips": AT_LEAST_1},
+    PseudoLabelConfig: {"k": Range(2), "pca_dim": AT_LEAST_1, "batch_size": AT_LEAST_1, "gpus": AT_LEAST_0,
+                        "init_points": AT_LEAST_1, "pca_points": Range(2), "fit_points": AT_LEAST_0,
+                        "iterations": AT_LEAST_1, "max_points_per_centroid": AT_LEAST_1},
+    DistillConfig: {"batch_size": AT_LEAST_1, "epochs": AT_LEAST_1, "max_steps": AT_LEAST_0, "head_ce": AT_LEAST_0,
+                    "kl": AT_LEAST_0, "cosine": AT_LEAST_0, "mixup_ratio": FRACTION},
+    FinetuneConfig: {"labels_per_class": AT_LEAST_0, "batch_size": AT_LEAST_1, "epochs": AT_LEAST_1,
+                     "probe_epochs": AT_LEAST_1},
+    MetricsConfig: {"port": Range(0, 65535)},
+}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- `a.b=value` overrides (values parsed as YAML scalars/lists)."""
-    raw: dict[str, Any] = {}
-    where = "defaults"
-    if path is not None:
-        where = str(path)
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found (see configs/ for examples)") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections (run:, data:, ...)")
+    """Defaults <- YAML file <- `a.b=value` overrides (values parsed as YAML, except for string keys, which
+    take the text as written), then every value checked against its choices and range."""
+    sources: dict[str, str] = {}  # dotted key -> where its value came from, for the error messages
     cfg = Config()
-    _update(cfg, raw, prefix="", where=where)
+    if path is not None:
+        _update(cfg, _read_yaml(Path(path)), prefix="", where=str(path), sources=sources)
     for item in overrides:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override '{item}': expected key=value, e.g. run.dir=runs/x")
-        _set_dotted(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "", where="command line")
-    for dotted, allowed in CHOICES.items():
-        value = operator.attrgetter(dotted)(cfg)
-        if value not in allowed:
-            raise ConfigError(f"{where}: '{dotted}' is {value!r}; use one of {', '.join(map(repr, allowed))}")
+        _set_dotted(cfg, key, _override_value(key, value, item), where="command line", sources=sources)
+    _validate(cfg, sources)
     return cfg
 
 
 def save_config(cfg: Config, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
-def _update(obj, raw: Any, prefix: str, where: str) -> None:
+# ---- reading YAML --------------------------------------------------------------------------------------
+
+class _Scalar(typing.NamedTuple):
+    """A YAML scalar that YAML 1.1 typed as something other than a string (int, float, bool, date), with
+    the text it was written as: a string key takes that text, so `task: 010` stays '010', not 8."""
+    value: Any
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (a second `pretrain:` would silently drop the first) and
+    keeps the source text of typed scalars (_Scalar)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if key_node.value in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key_node.value}' (first on line {first_line[key_node.value]})",
+                    key_node.start_mark)
+            first_line[key_node.value] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+for _tag in ("int", "float", "bool", "timestamp"):
+    _ConfigLoader.add_constructor(
+        f"tag:yaml.org,2002:{_tag}",
+        lambda loader, node, base=yaml.SafeLoader.yaml_constructors[f"tag:yaml.org,2002:{_tag}"]:
+            _Scalar(base(loader, node), node.value))
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """`LINE:COL: problem` of a YAML error, on one line."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return at + " ".join(str(problem).split())
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (see configs/ for examples)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; give a YAML file, e.g. configs/demo.yaml") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "save it as UTF-8") from None
+    try:
+        raw = _parse_yaml(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    raw = _plain(raw)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (run:, data:, ...)")
+    return raw
+
+
+def _override_value(key: str, text: str, item: str) -> Any:
+    """A string key takes the text as written (`run.name=12:30` is not 750); others parse it as YAML."""
+    if _leaf_type(key) is str:
+        return text
+    if not text.strip():
+        return ""
+    try:
+        return _parse_yaml(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': not a valid value ({_yaml_problem(e)})") from None
+
+
+def _leaf_type(dotted: str) -> Any:
+    """The declared type of a dotted key (None: unknown key or a section; _set_dotted names the error)."""
+    cls: Any = Config
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return None if dataclasses.is_dataclass(cls) else cls
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, _Scalar) else value
+
+
+# ---- setting keys --------------------------------------------------------------------------------------
+
+def _update(obj, raw: Any, prefix: str, where: str, sources: dict[str, str] | None = None) -> None:
+    raw = _plain(raw)
+    if raw is None:  # a section whose keys are all commented out
+        return
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: '{prefix.rstrip('.')}' must be a mapping, got {type(raw).__name__}")
     for key, value in raw.items():
-        _set_dotted(obj, str(key), value, where=where, prefix=prefix)
+        _set_dotted(obj, str(key), value, where=where, prefix=prefix, sources=sources)
 
 
-def _set_dotted(obj, dotted: str, value: Any, where: str, prefix: str = "") -> None:
+def _set_dotted(obj, dotted: str, value: Any, where: str, prefix: str = "",
+                sources: dict[str, str] | None = None) -> None:
     head, _, rest = dotted.partition(".")
     fields = {f.name: f for f in dataclasses.fields(obj)}
     full = prefix + head
@@ -235,16 +405,22 @@ def _set_dotted(obj, dotted: str, value: Any, where: str, prefix: str = "") -> N
     current = getattr(obj, head)
     if dataclasses.is_dataclass(current):
         if rest:
-            _set_dotted(current, rest, value, where, prefix=full + ".")
+            _set_dotted(current, rest, value, where, prefix=full + ".", sources=sources)
         else:  # a mapping updates the section in place, keeping the section's own defaults
-            _update(current, value, prefix=full + ".", where=where)
+            _update(current, value, prefix=full + ".", where=where, sources=sources)
         return
     if rest:
         raise ConfigError(f"{where}: '{full}' is a value, not a section; cannot set '{prefix + dotted}'")
     setattr(obj, head, _coerce(value, ftype, full, where))
+    if sources is not None:
+        sources[full] = where
 
 
 def _coerce(value: Any, ftype, key: str, where: str):
+    if ftype is str and isinstance(value, _Scalar):
+        return value.text  # what the user wrote, not YAML 1.1's reading of it (010 -> 8, 12:30 -> 750)
+    if isinstance(value, _Scalar):
+        value = _number_as_written(value, key, where)
     origin = typing.get_origin(ftype)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(ftype) if a is not type(None)]
@@ -264,10 +440,70 @@ def _coerce(value: Any, ftype, key: str, where: str):
         except (TypeError, ValueError):
             pass
     if ftype is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
+        return str(value)  # from callers that parse YAML themselves (launchers/resources.py)
     if isinstance(value, ftype) and not (ftype is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{where}: '{key}' expects {ftype.__name__}, got {value!r}")
+
+
+def _number_as_written(scalar: _Scalar, key: str, where: str) -> Any:
+    """YAML 1.1 reads `010` as octal 8 and `1:30` as 90 (base 60): refuse both rather than guess."""
+    text = scalar.text.lstrip("+-")
+    if isinstance(scalar.value, (int, float)) and not isinstance(scalar.value, bool) and (
+            ":" in text or (len(text) > 1 and text[0] == "0" and text[1].isdigit())):
+        raise ConfigError(f"{where}: '{key}' is written {scalar.text}, which YAML reads as {scalar.value}; "
+                          "write the number without leading zeros or colons")
+    return scalar.value
+
+
+# ---- validation ----------------------------------------------------------------------------------------
+
+def _validate(cfg: Config, sources: dict[str, str]) -> None:
+    """Every choice and range, then the few rules that tie two keys together."""
+    for key, owner, name, value in _leaves(cfg):
+        where = sources.get(key, "defaults")
+        allowed = CHOICES.get(type(owner), {}).get(name)
+        if allowed is not None:
+            _check_choice(key, value, allowed, where)
+        rng = RANGES.get(type(owner), {}).get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            rng = rng or (Range() if isinstance(value, float) else None)  # any float: finite
+            if rng is not None and not rng.allows(value):
+                raise ConfigError(f"{where}: '{key}' is {value!r}; use {rng.describe(isinstance(value, float))}")
+    _check_pairs(cfg, sources)
+
+
+def _check_choice(key: str, value: Any, allowed: tuple, where: str) -> None:
+    for item in value if isinstance(value, list) else [value]:
+        if item not in allowed:
+            near = difflib.get_close_matches(str(item), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            what = f"has {item!r}" if isinstance(value, list) else f"is {item!r}"
+            raise ConfigError(f"{where}: '{key}' {what}; use one of {', '.join(map(repr, allowed))}{hint}")
+
+
+def _check_pairs(cfg: Config, sources: dict[str, str]) -> None:
+    def fail(key: str, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{sources.get(key, 'defaults')}: '{key}' is {operator.attrgetter(key)(cfg)!r}; {message}")
+
+    a, p = cfg.audio, cfg.pseudolabel
+    if not a.f_min < a.f_max <= a.sample_rate / 2:
+        fail("audio.f_max", f"use more than audio.f_min ({a.f_min:g}) and at most half of audio.sample_rate "
+                            f"({a.sample_rate / 2:g})")
+    if p.init_points < p.k:  # k-means++ needs at least k points to start from
+        fail("pseudolabel.init_points", f"use at least pseudolabel.k ({p.k})")
+    if 0 < p.fit_points < p.k:
+        fail("pseudolabel.fit_points", f"use 0 (all clips) or at least pseudolabel.k ({p.k})")
+
+
+def _leaves(obj, prefix: str = ""):
+    """(dotted key, owning dataclass, field name, value) of every value in the config."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, obj, f.name, value
 
 
 def _all_keys(cls=Config, prefix: str = "") -> list[str]:

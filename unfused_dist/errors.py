@@ -3,3 +3,7 @@
 
 class UnfusedError(Exception):
     pass
+
+
+class MissingArtefactError(UnfusedError, FileNotFoundError):
+    """A stage's input that an earlier stage writes is not there: the message names the stage to run first."""

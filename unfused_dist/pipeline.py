@@ -2,18 +2,23 @@
 training stages under torchrun when run.nproc > 1; a stage whose done.json exists is skipped."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
-from .artefacts import is_done
+from .artefacts import atomic_write_text, is_done
 from .config import Config
 from .errors import UnfusedError
 
 TRAINING = {"pretrain", "distill"}
+# Written in a stage dir by a stage that saved a checkpoint and stopped on a signal (Preempted): under
+# torchrun the exit code cannot tell that apart from a crash, since torchrun itself exits 1 on SIGTERM.
+STOPPED = "stopped.json"
 
 
 def stage_names(cfg: Config) -> list[str]:
@@ -29,22 +34,25 @@ def stage_dir(cfg: Config, name: str) -> Path | None:
 
 def run_stage(cfg: Config, name: str, reshard: bool = False) -> None:
     """Run one stage in this process (under torchrun, in every rank)."""
+    from .engine.preemption import Preempted
     from .engine.trainer import TRAINER_OPTIONS
     from .stages import distill, evaluate, finetune, pretrain, pseudolabel
 
+    runners = {"pretrain": pretrain.run, "pseudolabel": pseudolabel.run, "distill": distill.run,
+               **{f"finetune-{row}": partial(finetune.run, row=row) for row in finetune.ROWS}, "evaluate": evaluate.run}
+    if name not in runners:
+        raise UnfusedError(f"unknown stage '{name}'; stages: {', '.join(runners)}, or 'pipeline'")
     TRAINER_OPTIONS.reshard = reshard
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from .engine.distributed import init_distributed
         init_distributed()  # before any stage code asks is_main(): otherwise every rank would think it is rank 0
-
-    if name.startswith("finetune-"):
-        finetune.run(cfg, name.split("-", 1)[1])
-        return
-    runners = {"pretrain": pretrain.run, "pseudolabel": pseudolabel.run, "distill": distill.run,
-               "evaluate": evaluate.run}
-    if name not in runners:
-        raise UnfusedError(f"unknown stage '{name}'; stages: {', '.join(stage_names(cfg))}, or 'pipeline'")
-    runners[name](cfg)
+    try:
+        runners[name](cfg)
+    except Preempted as stop:
+        d = stage_dir(cfg, name)
+        if d is not None and os.environ.get("RANK", "0") == "0":
+            atomic_write_text(d / STOPPED, json.dumps({"step": stop.step, "signal": stop.signal}))
+        raise
 
 
 def stage_command(cfg: Config, name: str, config_path: Path, reshard: bool = False) -> list[str]:
@@ -82,17 +90,34 @@ def run_pipeline(cfg: Config, config_path: Path, reshard: bool = False) -> None:
         cmd = stage_command(cfg, name, config_path, reshard)
         print(f"[pipeline] {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
+        if d is not None:
+            (d / STOPPED).unlink(missing_ok=True)  # only this attempt's stop counts
         rc, signalled = _run_forwarding_signals(cmd, {**os.environ, "PYTHONUNBUFFERED": "1"})
-        if signalled or (rc == 0 and d is not None and not is_done(d)):
-            print(f"[pipeline] {name}: stopped by {signalled or 'a signal'} (exit {rc}) after saving a checkpoint; "
+        if _stopped_after_saving(d, rc):
+            print(f"[pipeline] {name}: stopped by {signalled or 'a signal'} after saving a checkpoint; "
                   "run the same command again to resume", flush=True)
             return
+        if rc != 0 and signalled:
+            raise UnfusedError(f"stage '{name}' was stopped by {signalled} before it saved a checkpoint (exit {rc}); "
+                               "run the same command again: it resumes from the stage's last checkpoint, if any")
         if rc != 0:
             raise UnfusedError(f"stage '{name}' failed (exit {rc}); fix the error above and re-run the same "
                                "command: finished stages are skipped")
+        if signalled:  # the stage finished as the signal came: start no other
+            print(f"[pipeline] {name}: finished; stopping on {signalled} before the next stage; run the same "
+                  "command again to go on", flush=True)
+            return
         summary.append((name, "ran", time.time() - t0))
     print("[pipeline] summary: " + ", ".join(f"{n} {s}{f' {t:.0f}s' if t else ''}" for n, s, t in summary)
           + f"; total {time.time() - t_start:.0f}s; run dir {cfg.run.path}")
+
+
+def _stopped_after_saving(d: Path | None, rc: int) -> bool:
+    """A stage that saved a checkpoint on a signal raises Preempted: it leaves STOPPED, and a process of its
+    own exits 0 without done.json. A stage killed before it could save exits non-zero without STOPPED."""
+    if d is None:
+        return False
+    return (d / STOPPED).is_file() or (rc == 0 and not is_done(d))
 
 
 def _run_forwarding_signals(cmd: list[str], env: dict) -> tuple[int, str | None]:

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import UnfusedError
+
 BACKENDS = ("cpu", "gpu", "distributed")
 _SEARCH_CHUNK = 65536  # rows per search call: bounds the (chunk x k) distance matrix
 
@@ -49,6 +51,10 @@ def faiss_search(x: np.ndarray, centroids: np.ndarray, gpus: int = 0) -> tuple[n
     ids, dist = [], []
     for start in range(0, len(x), _SEARCH_CHUNK):
         d, i = index.search(np.ascontiguousarray(x[start:start + _SEARCH_CHUNK], dtype=np.float32), 1)
+        if (i < 0).any():  # FAISS's answer for a NaN row: it must never be written as cluster -1
+            row = start + int(np.flatnonzero(i[:, 0] < 0)[0])
+            raise UnfusedError(f"k-means: point {row} has no nearest centroid (a NaN or inf in the points or the "
+                               "centroids); re-run the pseudolabel stage, and check the teacher if it recurs")
         ids.append(i[:, 0])
         dist.append(d[:, 0])
     if not ids:

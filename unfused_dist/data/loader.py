@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..engine.preemption import ignore_in_workers
 from .batchpool import PooledLoader, collate, new_iteration
 from .manifest import DatasetManifest
-from .shards import RawSample, ShardError, ShardUnavailable, iter_shard, iter_shard_with_labels
+from .shards import LabelAlignmentError, RawSample, ShardError, ShardUnavailable, iter_shard, iter_shard_with_labels
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,9 @@ class ShardStream(IterableDataset):
 
     A sample that fails to decode (ShardError) is logged by shard and key and, with bad_samples="skip",
     replaced by the next good sample of the lane (so batch counts stay equal); "fail" re-raises it. A shard
-    that cannot be read to the end of the lane's range (truncated, a refused member, labels out of line, or
-    fewer samples than its manifest says) is logged once, and with "skip" each sample it could not give is
-    counted as bad and replaced the same way.
+    that cannot be read to the end of the lane's range (truncated, a refused member, or fewer samples than its
+    manifest says) is logged once, and with "skip" each sample it could not give is counted as bad and
+    replaced the same way. Label shards out of line with their audio shards always stop the run.
 
     Evaluation mode (`batch_size` None): every sample once, in shard order when `shuffle` is off."""
 
@@ -318,9 +318,10 @@ class ShardStream(IterableDataset):
 
     def _unreadable(self, error: ShardError, lane: int, missing: int | None) -> None:
         """A shard that stopped short: `missing` positions of the lane's range it did not fill (None: the
-        mode has no positions, and the rest of the shard is skipped). A shard that cannot be opened at all
-        stops the run whatever bad_samples says: a wrong path is no damage to skip."""
-        if self.bad_samples == "fail" or isinstance(error, ShardUnavailable):
+        mode has no positions, and the rest of the shard is skipped). A shard that cannot be opened at all,
+        or a label shard whose keys are not its audio shard's, stops the run whatever bad_samples says: a
+        wrong path or stale labels (made for another build of the dataset) are no damage to skip."""
+        if self.bad_samples == "fail" or isinstance(error, (ShardUnavailable, LabelAlignmentError)):
             raise error
         lost = ("the rest of the shard is skipped" if missing is None else "no sample was lost" if missing == 0
                 else f"{missing} of this worker's samples from it count as bad and are replaced")

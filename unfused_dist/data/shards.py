@@ -202,7 +202,7 @@ def _pax_path(data: bytes) -> str | None:
 
 def iter_shard_with_labels(audio: str | Path, labels: str | Path) -> Iterator[RawSample]:
     """Zip an audio shard with its label shard; any key mismatch raises naming both shards."""
-    label_iter = iter_shard(labels)
+    label_iter = _label_shard(labels)
     for i, sample in enumerate(iter_shard(audio)):
         lab = next(label_iter, None)
         if lab is None or lab.key != sample.key:
@@ -215,3 +215,15 @@ def iter_shard_with_labels(audio: str | Path, labels: str | Path) -> Iterator[Ra
     if extra is not None:
         raise LabelAlignmentError(f"label shard {labels} has extra key '{extra.key}' after the last sample of "
                                   f"audio shard {audio}; re-run the pseudolabel stage for this dataset")
+
+
+def _label_shard(labels: str | Path) -> Iterator[RawSample]:
+    """The label shard's samples. One that cannot be opened was lost or never written by the pseudolabel
+    stage, so the advice is to re-run that stage, not to rebuild the dataset. Opened lazily, like iter_shard,
+    so that an audio shard that cannot be opened is still reported first."""
+    try:
+        open(labels, "rb").close()
+    except OSError as e:
+        raise ShardUnavailable(f"{labels}: cannot open this label shard ({e.strerror or e}); re-run the "
+                               "pseudolabel stage for this run") from None
+    yield from iter_shard(labels)

@@ -9,24 +9,36 @@ and a fallback past a corrupt or partial newest checkpoint.
         unfused.json                  ours, written by rank 0 after every rank finished: world size, step,
                                       and the size of every file above. No unfused.json = not complete.
     CKPT_DIR/latest                   the newest complete tag (DeepSpeed's pointer; moved last)
+    CKPT_DIR/partial-stepNNNNNNNN/    a save in progress: renamed to its tag once complete, so a crash
+                                      mid-save never touches a complete checkpoint
 
 The directory must be shared by all ranks (as DeepSpeed requires for multi-node resume).
 """
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..artefacts import atomic_write_text
+from ..errors import UnfusedError
 from .distributed import all_gather_object, barrier, is_main, rank_world
+
+
+class ResumeError(UnfusedError, RuntimeError):
+    """A checkpoint that cannot be resumed from as asked."""
+
 
 META = "unfused.json"
 HISTORY = "history.json"
 TAG_PREFIX = "step"
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's name for it (no model parallelism)
+PARTIAL_PREFIX = "partial-"  # not TAG_PREFIX: tags() never sees a save in progress
 
 
 def tag_for(step: int) -> str:
@@ -49,25 +61,48 @@ class Checkpoints:
                       reverse=True)
 
     def save(self, engine, step: int, client_state: dict, rank_state: dict, meta: dict) -> str:
-        """Collective: every rank calls it. The manifest and `latest` are written only after every rank
-        has finished writing, so a crash at any moment leaves the previous checkpoint the newest complete one."""
-        tag = tag_for(step)
+        """Collective: every rank calls it. Everything is written under a partial name; after every rank
+        has finished, rank 0 writes the manifest, renames it to its tag and moves `latest`, so a crash at
+        any moment leaves the previous checkpoints as they were."""
+        tag, partial = tag_for(step), PARTIAL_PREFIX + tag_for(step)
         if is_main():
-            shutil.rmtree(self.dir / tag, ignore_errors=True)  # a partial save from a run that crashed
+            for stale in self.dir.glob(PARTIAL_PREFIX + "*"):  # saves a crashed run left unfinished
+                shutil.rmtree(stale, ignore_errors=True)
         barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
-        torch.save(rank_state, self.dir / tag / rank_file(rank_world()[0]))
+        engine.save_checkpoint(str(self.dir), tag=partial, client_state=client_state, save_latest=False)
+        torch.save(rank_state, self.dir / partial / rank_file(rank_world()[0]))
         if is_main():  # readable without DeepSpeed, e.g. by a resharded resume
-            atomic_write_text(self.dir / tag / HISTORY, json.dumps(client_state.get("history", [])))
+            atomic_write_text(self.dir / partial / HISTORY, json.dumps(client_state.get("history", [])))
         barrier()
         if is_main():
-            files = {str(p.relative_to(self.dir / tag)): p.stat().st_size
-                     for p in sorted((self.dir / tag).rglob("*")) if p.is_file()}
-            atomic_write_text(self.dir / tag / META, json.dumps({**meta, "tag": tag, "files": files}))
-            atomic_write_text(self.dir / "latest", tag)
+            files = {str(p.relative_to(self.dir / partial)): p.stat().st_size
+                     for p in sorted((self.dir / partial).rglob("*")) if p.is_file()}
+            atomic_write_text(self.dir / partial / META, json.dumps({**meta, "tag": tag, "files": files}))
+            self._publish(partial, tag)
             self._prune()
         barrier()
         return tag
+
+    def _publish(self, partial: str, tag: str) -> None:
+        """Give a complete save its tag. A directory already there is one the trainer does not resume
+        from (a save a crash cut short, or one skipped as damaged): only now, with its replacement
+        complete, does it go."""
+        shutil.rmtree(self.dir / tag, ignore_errors=True)
+        (self.dir / partial).rename(self.dir / tag)
+        atomic_write_text(self.dir / "latest", tag)
+
+    def retag(self, tag: str, step: int) -> str:
+        """Rank 0, after a resharded resume loaded `tag`: the new layout numbers its steps afresh, so the
+        old layout's checkpoints would sort as newer than its own. Keep only `tag`, renamed to `step`
+        (where the new layout restarts), so a crash before the next save reshards from it again."""
+        for other in self.tags():
+            if other != tag:
+                shutil.rmtree(self.dir / other, ignore_errors=True)
+        new = tag_for(step)
+        if new != tag:
+            (self.dir / tag).rename(self.dir / new)
+        atomic_write_text(self.dir / "latest", new)
+        return new
 
     def newest_complete(self) -> tuple[str, dict] | None:
         """The newest tag that every rank finds complete and intact, warning about each newer one skipped."""
@@ -105,6 +140,18 @@ class Checkpoints:
     def history(self, tag: str) -> list[dict]:
         return json.loads((self.dir / tag / HISTORY).read_text())
 
+    def fp32_weights(self, tag: str, zero_stage: int, precision: str) -> dict[str, torch.Tensor]:
+        """The module's consolidated fp32 weights, whatever the number of processes that saved them."""
+        where = self.dir / tag
+        if zero_stage > 0:  # trainable weights from every rank's fp32 partitions; the rest from the module file
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            return get_fp32_state_dict_from_zero_checkpoint(str(self.dir), tag=tag)
+        if precision != "fp32":  # stage 0 keeps its fp32 master weights inside its 16-bit optimizer
+            raise ResumeError(f"{where}: a ZeRO stage 0 {precision} checkpoint holds no fp32 weights to reshard; "
+                              "resume it with the processes that saved it, or train at engine.zero_stage >= 1")
+        # stage 0: every rank holds the whole module, saved as is in the model states file
+        return torch.load(where / MODEL_STATES, map_location="cpu", weights_only=True)["module"]
+
     def load_rank_state(self, tag: str, rank: int) -> dict:
         return torch.load(self.dir / tag / rank_file(rank), weights_only=True)
 
@@ -117,3 +164,27 @@ class Checkpoints:
         for tag in self.tags():
             if tag < oldest_kept:
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
+
+
+# --- each rank's RNG states (python, numpy, torch), saved in its own file --------------------------------
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tuples(x):
+    """random.setstate wants the nested tuples back (a save/load round trip may give lists)."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x

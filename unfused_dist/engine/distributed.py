@@ -66,6 +66,17 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def all_reduce_max(flags: list[float]) -> list[float]:
+    """Element-wise max over ranks of a few flags (one tiny all-reduce; NCCL reduces GPU tensors only)."""
+    if rank_world()[1] == 1:
+        return flags
+    t = torch.tensor(flags, dtype=torch.float32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
 def all_reduce_sum(a: np.ndarray) -> np.ndarray:
     """Element-wise sum over ranks of a float array (float64 on the wire: k-means sums must not drift)."""
     if rank_world()[1] == 1:

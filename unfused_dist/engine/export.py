@@ -12,6 +12,7 @@ from torch import nn
 
 from ..models.encoder import AudioNTT, count_parameters
 from ..artefacts import atomic_write_text
+from ..errors import MissingArtefactError
 
 WEIGHTS, META = "encoder.safetensors", "encoder.json"
 
@@ -34,7 +35,9 @@ def export_encoder(encoder: AudioNTT, directory: Path, meta: dict[str, Any],
 def load_encoder(directory: Path) -> tuple[AudioNTT, dict[str, Any]]:
     meta_path = directory / META
     if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path}: no exported encoder; run the stage that produces it first")
+        # the stage dir is named after the stage that exports into it (pretrain, distill)
+        raise MissingArtefactError(f"{meta_path}: no exported encoder; run `unfused run {directory.name}` (or the "
+                                   "pipeline) with this config first")
     meta = json.loads(meta_path.read_text())
     encoder = AudioNTT(n_fc=meta["n_fc"], n_mels=meta["n_mels"])
     encoder.load_state_dict(load_file(str(directory / WEIGHTS)))

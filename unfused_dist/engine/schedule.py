@@ -53,7 +53,17 @@ def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_scheduler(optimizer, total_steps: int, cfg: OptimConfig, start: int = 0):
-    """`start`: the optimizer steps already taken (a resharded resume), so the schedule goes on from there.
-    A plain resume needs no `start`: DeepSpeed restores the scheduler's own step count."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + start, total_steps, cfg))
+def build_scheduler(optimizer, total_steps: int, cfg: OptimConfig, start=0):
+    """`start`: the optimizer steps already taken (a resharded resume), so the schedule goes on from there;
+    an int, or a function read at every step (a resharded resume learns its start only in fit, see
+    restart_schedule). A plain resume needs no `start`: DeepSpeed restores the scheduler's own step count."""
+    origin = start if callable(start) else (lambda: start)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + origin(), total_steps, cfg))
+
+
+def restart_schedule(scheduler) -> None:
+    """Re-apply the learning rate of a schedule that has not stepped yet, after its `start` changed."""
+    lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

@@ -11,15 +11,13 @@ position is the optimizer step count and it continues where it stopped.
 from __future__ import annotations
 
 import json
-import random
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -27,15 +25,15 @@ from ..artefacts import atomic_write_text
 from ..config import EngineConfig, OptimConfig
 from ..errors import UnfusedError
 from ..metrics.exporter import NULL, Metrics
-from .checkpoint import Checkpoints
-from .distributed import all_gather_object, average_buffers, init_distributed, is_main
+from .checkpoint import Checkpoints, ResumeError, rng_state, set_rng_state
+from .distributed import all_gather_object, all_reduce_max, average_buffers, barrier, init_distributed, is_main
 from .dsconfig import deepspeed_config
 from .preemption import Preempted, PreemptionSignals
-from .schedule import build_optimizer, build_scheduler
+from .schedule import build_optimizer, build_scheduler, restart_schedule
 
 
-class ResumeError(UnfusedError, RuntimeError):
-    pass
+class DivergedError(UnfusedError, RuntimeError):
+    """A NaN or infinite loss: training stops before that step updates or saves anything."""
 
 
 @dataclass
@@ -70,18 +68,22 @@ class Trainer:
         self.progress = Progress()
         self.data_layout: dict | None = None
         # Decide how to resume before DeepSpeed partitions anything: a resharded resume loads plain fp32
-        # weights into the module and starts the schedule at the saved optimizer step.
+        # weights into the module (fit then restarts their epoch in the new layout's steps).
         self._resume_from = self.checkpoints.newest_complete()
+        self._resharded_from: tuple[str, dict] | None = None  # re-based in fit, which knows the new epoch length
+        self._saved_step, self._postponed = -1, False  # the step saved last; a save waiting for a boundary
+        if self._resume_from:
+            self._check_config(*self._resume_from)
         # A resharded run's schedule starts at an offset, which its own later checkpoints keep.
         self.schedule_start = self._resume_from[1].get("schedule_start", 0) if self._resume_from else 0
         if self._resume_from and self._resume_from[1]["world_size"] != self.world:
             if not (TRAINER_OPTIONS.reshard if reshard is None else reshard):
                 self._refuse(*self._resume_from)
-            self.schedule_start = self._reshard(module, *self._resume_from)
-            self._resume_from = None
+            self._reshard(module, *self._resume_from)
+            self._resharded_from, self._resume_from = self._resume_from, None
         optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], optim_cfg, engine_cfg)
         scheduler = build_scheduler(optimizer, max(1, total_steps // engine_cfg.grad_accum), optim_cfg,
-                                    start=self.schedule_start)
+                                    start=lambda: self.schedule_start)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(engine_cfg, micro_batch, self.world))
@@ -104,6 +106,8 @@ class Trainer:
         self.data_layout, self.seconds_per_clip = data_layout, seconds_per_clip
         if self._resume_from:
             self._load(*self._resume_from)
+        if self._resharded_from:
+            self._rebase(steps_per_epoch, *self._resharded_from)
         p = self.progress
         total = min(steps_per_epoch * epochs, max_steps or steps_per_epoch * epochs)
         self.total_steps = total
@@ -111,7 +115,7 @@ class Trainer:
                    dynamic_ncols=True)
         self._last_save = time.monotonic()
         with self.signals:
-            while p.global_step < total and p.epoch < epochs:  # (a resharded run can reach the last epoch early)
+            while p.global_step < total and p.epoch < epochs:
                 self.module.train()
                 waited = time.perf_counter()
                 for i, batch in enumerate(batches(p.epoch, p.step_in_epoch), start=p.step_in_epoch):
@@ -121,7 +125,8 @@ class Trainer:
                     bar.update(1)
                     h = p.history[-1]
                     bar.set_postfix(loss=f"{h['loss']:.3f}", lr=f"{h['lr']:.2e}", clips_s=f"{h['clips_s']:.0f}")
-                    self._maybe_save(final=False)
+                    if i + 1 < steps_per_epoch and p.global_step < total:  # the loop's last: once, below
+                        self._maybe_save(final=False)
                     waited = time.perf_counter()
                 average_buffers(self.module)
                 if p.step_in_epoch >= steps_per_epoch:  # a whole epoch (not a max_steps stop mid-epoch)
@@ -136,6 +141,7 @@ class Trainer:
     def _step(self, batch, index: int, clips_per_step: int, data_s: float) -> None:
         t0 = time.perf_counter()
         loss, logs = self.engine(*batch)
+        self._check_finite(loss)
         self.engine.backward(loss)
         self.engine.step()
         after = getattr(self.module, "after_step", None)
@@ -148,24 +154,38 @@ class Trainer:
         p.history.append({"step": p.global_step, "epoch": p.epoch, "loss": loss.item(),
                           "lr": self.scheduler.get_last_lr()[0], "step_s": step_s, "data_s": data_s,
                           "clips_s": clips_per_step * self.world / max(step_s + data_s, 1e-9),
-                          **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}})
+                          **{k: _finite_or_none(v) for k, v in logs.items()}})
         h = p.history[-1]  # per rank: Prometheus sums over ranks
         self.metrics.step(samples=clips_per_step, audio_seconds=clips_per_step * self.seconds_per_clip,
                           step_s=step_s, data_s=data_s, loss=h["loss"], lr=h["lr"])
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Every rank learns of a NaN/inf loss on any rank before backward, so no weights, no checkpoint
+        (nor the pruning it does) and no export ever carry it."""
+        if all_reduce_max([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0])[0]:
+            p = self.progress
+            raise DivergedError(f"[{self.desc}] the loss is not finite (NaN/inf) at epoch {p.epoch}, step "
+                                f"{p.global_step + 1}; stopped before saving it, so the checkpoints in "
+                                f"{self.checkpoints.dir} predate it: lower optim.lr or set engine.grad_clip, "
+                                "move that directory away and run again")
 
     # --- checkpoints -------------------------------------------------------------------------------
     def _maybe_save(self, final: bool) -> None:
         """Every rank must join the same saves: one tiny all-reduce per step carries each rank's reasons
         (a signal may reach only some ranks; rank 0's clock decides the time-based saves)."""
         c, p = self.cfg, self.progress
-        due_step = bool(c.save_every_steps) and p.global_step % c.save_every_steps == 0 and not final
+        due_step = bool(c.save_every_steps) and p.global_step % c.save_every_steps == 0
         due_time = is_main() and c.save_every_minutes > 0 and \
             time.monotonic() - self._last_save > 60 * c.save_every_minutes
-        flags = torch.tensor([float(final or due_step or due_time), float(self.signals.received is not None)])
-        if self.world > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = all_reduce_max([float(final or due_step or due_time or self._postponed),
+                                float(self.signals.received is not None)])
         save, stop = bool(flags[0]), bool(flags[1])
-        if save or stop:
+        if p.global_step % c.grad_accum and not final:
+            # DeepSpeed saves no accumulated gradients: a save (a signal's too) waits for the window's end
+            self._postponed = save
+            return
+        self._postponed = False
+        if (save or stop) and p.global_step != self._saved_step:  # a step is saved once, never replaced
             self.save()
         if stop:
             if is_main():
@@ -182,12 +202,13 @@ class Trainer:
         client = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step,
                   "history": p.history, "world_size": self.world, "config_hash": self.config_hash,
                   "data_layout": self.data_layout, "loaders": all_gather_object(loader)}
-        rank_state = {"rng": _rng_state(), "module": getattr(self.module, "rank_state", dict)()}
+        rank_state = {"rng": rng_state(), "module": getattr(self.module, "rank_state", dict)()}
         meta = {"world_size": self.world, "global_step": p.global_step, "epoch": p.epoch,
                 "step_in_epoch": p.step_in_epoch, "optimizer_steps": p.global_step // self.cfg.grad_accum,
                 "zero_stage": self.cfg.zero_stage, "config_hash": self.config_hash,
                 "schedule_start": self.schedule_start, "total_steps": getattr(self, "total_steps", None)}
         self.checkpoints.save(self.engine, p.global_step, client, rank_state, meta)
+        self._saved_step = p.global_step
         self._last_save = time.monotonic()
         self.metrics.checkpoint()
 
@@ -202,8 +223,9 @@ class Trainer:
         p = self.progress
         p.epoch, p.step_in_epoch, p.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         p.history = state["history"]
+        self._saved_step = p.global_step
         mine = self.checkpoints.load_rank_state(tag, self.rank)
-        _set_rng_state(mine["rng"])
+        set_rng_state(mine["rng"])
         if hasattr(self.module, "load_rank_state"):
             self.module.load_rank_state(mine["module"])
         if is_main():
@@ -214,25 +236,42 @@ class Trainer:
                           f"run with {meta['world_size']} processes to resume exactly, or pass --reshard to start "
                           "from its fp32 weights at the beginning of its epoch (optimizer moments restart)")
 
-    def _reshard(self, module: nn.Module, tag: str, meta: dict) -> int:
-        """Load the checkpoint's consolidated fp32 weights into the plain module; the data epoch restarts.
-        Returns the optimizer step the learning-rate schedule starts from."""
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    def _check_config(self, tag: str, meta: dict) -> None:
+        if meta.get("config_hash", self.config_hash) != self.config_hash:
+            raise ResumeError(f"{self.checkpoints.dir / tag}: saved under config hash {meta['config_hash']}, now "
+                              f"{self.config_hash} (the config changed since); undo the change to resume, or move "
+                              f"{self.checkpoints.dir} away to train this stage afresh")
 
-        # trainable weights from every rank's fp32 partitions; frozen ones and buffers from the module file
-        state = get_fp32_state_dict_from_zero_checkpoint(str(self.checkpoints.dir), tag=tag)
+    def _reshard(self, module: nn.Module, tag: str, meta: dict) -> None:
+        """Load the checkpoint's consolidated fp32 weights into the plain module (fit restarts its epoch)."""
+        state = self.checkpoints.fp32_weights(tag, meta.get("zero_stage", self.cfg.zero_stage), self.cfg.precision)
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ResumeError(f"{self.checkpoints.dir / tag}: its consolidated weights do not fit this model "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was the config changed?")
+
+    def _rebase(self, steps_per_epoch: int, tag: str, meta: dict) -> None:
+        """Restart the resharded checkpoint's epoch in the new layout's steps (an epoch has another number
+        of steps now), the schedule at the optimizer step where that epoch begins. The history keeps the
+        earlier epochs' entries, numbered in the old layout's steps."""
         p = self.progress
-        p.epoch, p.step_in_epoch = meta["epoch"], 0
-        p.global_step = meta["global_step"] - meta["step_in_epoch"]
-        p.history = [h for h in self.checkpoints.history(tag) if h["step"] <= p.global_step]
+        p.epoch, p.step_in_epoch, p.global_step = meta["epoch"], 0, meta["epoch"] * steps_per_epoch
+        p.history = [h for h in self.checkpoints.history(tag) if h["epoch"] < p.epoch]
+        self.schedule_start = p.global_step // self.cfg.grad_accum
+        restart_schedule(self.scheduler)
+        barrier()  # every rank has read `tag`
         if is_main():
+            self.checkpoints.retag(tag, p.global_step)
             print(f"[{self.desc}] resharded {self.checkpoints.dir / tag} from {meta['world_size']} to {self.world} "
                   f"processes: restarting epoch {p.epoch} at step {p.global_step}", flush=True)
-        return p.global_step // self.cfg.grad_accum
+        barrier()
+        self._saved_step = p.global_step  # the retagged checkpoint's step
+
+
+def _finite_or_none(v) -> float | None:
+    """A logged value for history.json, which must stay valid JSON (no bare NaN)."""
+    v = float(v.detach()) if torch.is_tensor(v) else float(v)
+    return v if math.isfinite(v) else None
 
 
 def _samples_per_worker(layout: dict | None, batches_done: int) -> list[int]:
@@ -241,29 +280,6 @@ def _samples_per_worker(layout: dict | None, batches_done: int) -> list[int]:
         return []
     lanes = max(layout.get("workers", 0), 1)
     return [(batches_done // lanes + (lane < batches_done % lanes)) * layout["batch_size"] for lane in range(lanes)]
-
-
-def _rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(_tuples(state["python"]))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _tuples(x):
-    """random.setstate wants the nested tuples back (a save/load round trip may give lists)."""
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def write_history(progress: Progress, path: Path) -> None:

@@ -10,6 +10,7 @@ tests) in one process would otherwise collide on the metric names.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, start_http_server
 
 from ..artefacts import atomic_write_text
-from ..config import Config, MetricsConfig
+from ..config import Config, MetricsConfig, RunConfig
 from ..errors import UnfusedError
 
 LABELS = ("stage", "rank", "job")
@@ -73,6 +74,7 @@ class PrometheusMetrics(Metrics):
         self.labels = {"stage": stage, "rank": str(rank), "job": job}
         self.address: tuple[str, int] | None = None  # (host, port) a scraper connects to, once served
         self.target_file: Path | None = None
+        self._target_text = ""  # what this process wrote there: close() removes the file only if it still is
         self._server = self._thread = None
         # process_resident_memory_bytes, process_cpu_seconds_total, ... (Linux /proc): the host-memory
         # counterpart of gpu_memory_bytes, and a CPU-time view of a stalled job
@@ -143,20 +145,25 @@ class PrometheusMetrics(Metrics):
         self.address = (scrape_host(addr), bound)
         return self.address
 
-    def write_target(self, targets_dir: Path) -> Path:
-        """Write (atomically: Prometheus re-reads the file on change) this rank's file_sd target."""
+    def write_target(self, targets_dir: Path, key: str = "") -> Path:
+        """Write (atomically: Prometheus re-reads the file on change) this rank's file_sd target,
+        <job>-<stage>-rank<rank>-<key>.json. `key` tells runs apart in a targets directory they share (the
+        run directory's hash: a restarted job replaces its own file); without one, the served host and
+        port, which no other live exporter has."""
         host, port = self.address
         host = f"[{host}]" if ":" in host else host  # an IPv6 literal
-        name = "-".join(_safe(self.labels[k]) for k in ("job", "stage")) + f"-rank{self.labels['rank']}.json"
+        key = key or f"{host}_{port}"
+        name = "-".join(_safe(s) for s in (self.labels["job"], self.labels["stage"], f"rank{self.labels['rank']}",
+                                            key)) + ".json"
         self.target_file = Path(targets_dir) / name
-        atomic_write_text(self.target_file, json.dumps([{"targets": [f"{host}:{port}"], "labels": self.labels}],
-                                                       indent=1) + "\n")
+        self._target_text = json.dumps([{"targets": [f"{host}:{port}"], "labels": self.labels}], indent=1) + "\n"
+        atomic_write_text(self.target_file, self._target_text)
         return self.target_file
 
     def close(self) -> None:
         # Target file first: Prometheus then drops the target instead of reporting it down.
         if self.target_file is not None:
-            self.target_file.unlink(missing_ok=True)
+            self._remove_own_target()
             self.target_file = None
         if self._server is not None:
             self._server.shutdown()
@@ -165,10 +172,21 @@ class PrometheusMetrics(Metrics):
             self._server = self._thread = None
 
 
+    def _remove_own_target(self) -> None:
+        """Remove the target file unless another exporter has replaced it meanwhile (a requeued or
+        relaunched job of the same run, on another port): its target must stay."""
+        try:
+            if self.target_file.read_text() == self._target_text:
+                self.target_file.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+
+
 def start_exporter(cfg: MetricsConfig, stage: str, rank: int, local_rank: int, job: str,
-                   targets_dir: Path) -> Metrics:
+                   targets_dir: Path, run_key: str = "") -> Metrics:
     """This rank's metrics, served on cfg.addr : cfg.port + local_rank (every port the OS's choice when
     cfg.port is 0), with its target file in `targets_dir`; `NULL` when metrics are disabled.
+    `run_key` tells runs apart in a shared targets directory (see write_target).
     Use as a context manager (or call close()) so the endpoint and the target file go away with the job."""
     if not cfg.enabled:
         return NULL
@@ -176,7 +194,7 @@ def start_exporter(cfg: MetricsConfig, stage: str, rank: int, local_rank: int, j
     port = cfg.port + local_rank if cfg.port else 0
     try:
         metrics.serve(cfg.addr, port)
-        metrics.write_target(targets_dir)
+        metrics.write_target(targets_dir, run_key)
     except OSError as e:
         metrics.close()
         raise ExporterError(f"metrics exporter of {stage} rank {rank}: cannot serve on {cfg.addr}:{port} or write "
@@ -187,10 +205,24 @@ def start_exporter(cfg: MetricsConfig, stage: str, rank: int, local_rank: int, j
 
 def stage_metrics(cfg: Config, stage: str) -> Metrics:
     """start_exporter for a pipeline stage in this process: rank and local rank from torchrun's environment
-    (0 when absent), job = the run's name, target files in metrics.targets_dir or RUN/metrics/targets."""
+    (0 when absent), job = job_label(cfg), target files in metrics.targets_dir or RUN/metrics/targets, named
+    after the run directory too, so runs sharing metrics.targets_dir neither replace nor remove each other's."""
     targets = Path(cfg.metrics.targets_dir) if cfg.metrics.targets_dir else cfg.run.path / "metrics" / "targets"
     return start_exporter(cfg.metrics, stage, int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                          cfg.run.name, targets)
+                          job_label(cfg), targets, run_key=run_key(cfg))
+
+
+def run_key(cfg: Config) -> str:
+    """8 hex digits of the resolved run directory: the same for every job (and restart) of a run."""
+    return hashlib.sha1(str(cfg.run.path.resolve()).encode()).hexdigest()[:8]
+
+
+def job_label(cfg: Config) -> str:
+    """The `job` label: the run's name; when that is the default one ('demo') but the run has a directory of
+    its own, the name plus run_key, so that runs given only run.dir are told apart in Prometheus."""
+    if cfg.run.name == RunConfig.name and cfg.run.dir:
+        return f"{cfg.run.name}-{run_key(cfg)}"
+    return cfg.run.name
 
 
 def scrape_host(addr: str) -> str:

@@ -2,12 +2,13 @@
 self-distillation, with shallow heads on its intermediate blocks (METHOD.md)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..artefacts import read_done, reset
+from ..artefacts import is_done, read_done, reset
 from ..audio.augment import LogMixupExp, random_resize_crop
 from ..config import Config, DistillConfig
 from ..data.loader import ShardSource
@@ -15,6 +16,7 @@ from ..models.encoder import AudioNTT
 from ..models.heads import shallow_head
 from ..objectives.distill import DistillWeights, distillation_loss
 from ..data.transforms import train_transform
+from ..errors import MissingArtefactError, UnfusedError
 from .common import Features, norm_stats, split_dir, train_encoder
 
 
@@ -37,11 +39,34 @@ class DistillModule(nn.Module):
         return loss, {"acc_pseudo": (z.argmax(1) == y).float().mean()}
 
 
+def pseudo_labels(stage: Path) -> Path:
+    """This run's label shards dir, once its meta.json is shown to be what this run's pseudolabel stage
+    wrote (same K and centroids): label shards written since by another run or another fit are refused."""
+    if not is_done(stage):
+        raise MissingArtefactError(f"{stage}: the pseudolabel stage has not finished; run it first "
+                                   "(`unfused run pseudolabel`, or the whole pipeline) with this config")
+    labels = Path(read_done(stage)["labels_dir"])
+    meta, report = _read_json(labels / "meta.json"), _read_json(stage / "report.json")
+    theirs, ours = [(d.get("k"), d.get("centroids_sha256")) for d in (meta, report)]
+    if theirs != ours:
+        raise UnfusedError(f"{labels / 'meta.json'}: K {theirs[0]}, centroids {str(theirs[1])[:12]} differ from this "
+                           f"run's pseudolabel report (K {ours[0]}, centroids {str(ours[1])[:12]}): the label "
+                           "shards were overwritten since; re-run the pseudolabel stage")
+    return labels
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UnfusedError(f"{path}: unreadable ({e}); re-run the pseudolabel stage") from None
+
+
 def run(cfg: Config) -> None:
+    labels = pseudo_labels(cfg.run.path / "pseudolabel")
     out = cfg.run.path / "distill"
     reset(out)
     c = cfg.distill
-    labels = Path(read_done(cfg.run.path / "pseudolabel")["labels_dir"])
     source = ShardSource(split_dir(cfg, "train"), labels_dir=labels)
     mean, std = norm_stats(ShardSource(split_dir(cfg, "train")), cfg.audio, cfg.pretrain.norm_clips)
     torch.manual_seed(cfg.run.seed + 1)

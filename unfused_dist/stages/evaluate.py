@@ -13,6 +13,7 @@ from sklearn.preprocessing import StandardScaler
 from ..artefacts import atomic_write_text, is_done
 from ..audio.frontend import LogMel
 from ..config import Config
+from ..errors import MissingArtefactError
 from ..data.loader import ShardSource, ShardStream, make_loader
 from ..metrics.report import plot_accuracies, plot_losses, results_markdown
 from ..data.transforms import eval_transform
@@ -25,7 +26,8 @@ def run(cfg: Config) -> dict:
     for row in cfg.finetune.rows:
         d = root / "finetune" / row
         if not is_done(d):
-            raise FileNotFoundError(f"{d}: row '{row}' has not finished; run `unfused run pipeline` first")
+            raise MissingArtefactError(f"{d}: row '{row}' has not finished; run `unfused run finetune-{row}` "
+                                       "(or the pipeline) with this config first")
         rows.append(json.loads((d / "metrics.json").read_text()))
     train = ShardSource(split_dir(cfg, "train"))
     classes = len(train.manifest.labels or [])

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..artefacts import atomic_write_text, mark_done, reset
 from ..config import Config
+from ..errors import UnfusedError
 from ..data.loader import ShardSource, ShardStream, make_loader
 from ..engine.distributed import barrier, init_distributed, is_main
 from ..engine.export import load_encoder
@@ -22,7 +23,8 @@ from ..data.transforms import eval_transform, train_transform
 from .common import Features, embed_split, labelled_subset, norm_stats, split_dir, epoch_batches, tensor_batches, \
     training_stream
 
-# row -> (stage whose encoder initialises it, or None for random init; full fine-tuning or linear probe)
+# row -> (stage whose encoder initialises it, or None for random init; full fine-tuning or linear probe).
+# config.CHOICES lists the same rows, so that a misspelt finetune.rows fails when the config loads.
 ROWS = {
     "scratch": (None, "finetune"),
     "teacher_probe": ("pretrain", "probe"),
@@ -60,7 +62,7 @@ class LinearProbe(nn.Module):
 
 def run(cfg: Config, row: str) -> None:
     if row not in ROWS:
-        raise ValueError(f"finetune row '{row}' is not one of {', '.join(ROWS)}")
+        raise UnfusedError(f"finetune row '{row}' is not one of {', '.join(ROWS)}")
     out = cfg.run.path / "finetune" / row
     # A row restarts rather than resumes: its model selection (best validation epoch) lives in memory.
     reset(out, keep_checkpoints=False)
@@ -77,7 +79,8 @@ def run(cfg: Config, row: str) -> None:
     train = labelled_subset(train_full, cfg.finetune.labels_per_class, cfg.run.seed)
     n_classes = len(train.manifest.labels or [])
     if n_classes < 2:
-        raise ValueError(f"{train.split_dir}: the target needs labels (found {n_classes} classes)")
+        raise UnfusedError(f"{train.split_dir}: the target needs labels (found {n_classes} classes); set "
+                           "data.target to a dataset built from a manifest with a label column")
     run_fn = _probe if mode == "probe" else _finetune
     result, progress = run_fn(cfg, encoder, features, train, n_classes, out)
     if is_main():

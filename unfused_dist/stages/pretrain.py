@@ -70,11 +70,11 @@ class SSLModule(nn.Module):
 
 
 def run(cfg: Config) -> None:
+    if cfg.engine.zero_stage == 3:  # before reset(): a refused command must not clear a half-finished stage
+        raise ConfigError("engine.zero_stage=3 partitions parameters, which the SSL momentum encoder update "
+                          "cannot read; use zero_stage 0, 1 or 2 for pretrain")
     out = cfg.run.path / "pretrain"
     reset(out)
-    if cfg.engine.zero_stage == 3:
-        raise ConfigError("engine.zero_stage=3 partitions parameters, which the SSL momentum encoder update "
-                         "cannot read; use zero_stage 0, 1 or 2 for pretrain")
     c = cfg.pretrain
     source = ShardSource(cfg.data.pool)
     mean, std = norm_stats(source, cfg.audio, c.norm_clips)

@@ -13,6 +13,7 @@ On SLURM, embed and assign run as job arrays over parts of the shards (embed/ass
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -35,8 +36,19 @@ from .common import Features, split_dir
 
 
 def labels_dir(cfg: Config) -> Path:
-    """labels/<RUN>/ inside the target's training split, as the data contract says."""
-    return split_dir(cfg, "train") / "labels" / cfg.run.path.name
+    """labels/<RUN>/ inside the target's training split, as the data contract says. <RUN> is the run folder's
+    name plus a short hash of its absolute path: two runs whose folders share a name (a/run, b/run) on one
+    dataset must never write, or read, each other's label shards."""
+    run = cfg.run.path.resolve()
+    return split_dir(cfg, "train") / "labels" / f"{run.name}-{hashlib.sha256(str(run).encode()).hexdigest()[:8]}"
+
+
+def check_k(cfg: Config, source: ShardSource) -> None:
+    """K clusters need at least K clips: checked before hours of embedding, not after."""
+    k, clips = cfg.pseudolabel.k, source.manifest.num_samples
+    if k > clips:
+        raise UnfusedError(f"{source.split_dir}: pseudolabel.k={k} is more than the {clips} clips of this split; "
+                           f"lower pseudolabel.k to at most {clips}")
 
 
 def my_shards(n: int, rank: int, world: int) -> list[int]:
@@ -49,11 +61,14 @@ def embed(cfg: Config, part: int | None = None, parts: int | None = None) -> int
     rank, world = init_distributed()
     part, parts = (rank, world) if part is None else (part, parts)
     c = cfg.pseudolabel
+    source = ShardSource(split_dir(cfg, "train"))
+    check_k(cfg, source)
     teacher, meta = load_encoder(cfg.run.path / "pretrain")
     teacher.eval()
     features = Features(cfg.audio, meta["norm_mean"], meta["norm_std"])
-    source = ShardSource(split_dir(cfg, "train"))
     directory = cfg.run.path / "pseudolabel" / "embeddings"
+    # every array task prepares (parts != world: each is a process group of its own); prepare is safe to
+    # run concurrently. Which audio shards the embeddings came from is checked per shard (dump.is_dumped).
     if is_main() or parts != world:
         dump.prepare(directory, {"teacher_sha256": meta["sha256"], "layer": c.layer,
                                  "task_seconds": cfg.data.task_seconds})

@@ -1,0 +1,60 @@
+"""What the SLURM controller still holds of a run's jobs (squeue), and scancel with a readable outcome.
+
+Only squeue is asked whether a job is live: sacct (when accounting is on) also lists finished jobs, and a job
+neither of them knows any more (purged from the controller after MinJobAge, no accounting) is finished too,
+not live: it can neither run nor be cancelled.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+# squeue's states of a job that has not finished (it also lists finished jobs for MinJobAge seconds).
+LIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+        "RESIZING", "SIGNALING", "STAGE_OUT", "SUSPENDED", "STOPPED"}
+
+
+def base_id(job_id: str) -> str:
+    """12_3 (an array task) and 12_[0-3] (its pending tasks) -> 12."""
+    return job_id.split("_")[0]
+
+
+def queued(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """Job id (as squeue prints it: 12, 12_3, 12_[4-7]) -> (state, reason) for every live job among
+    `job_ids` (or their arrays); {} without squeue."""
+    bases = {base_id(j) for j in job_ids}
+    if not bases or shutil.which("squeue") is None:
+        return {}
+    # No -j: squeue refuses the whole list when one id is unknown to the controller.
+    p = subprocess.run(["squeue", "-h", "-o", "%i|%T|%r"], capture_output=True, text=True, check=False)
+    out = {}
+    for line in p.stdout.splitlines() if p.returncode == 0 else []:
+        jid, _, rest = line.strip().partition("|")
+        state, _, reason = rest.partition("|")
+        if base_id(jid) in bases and state in LIVE:
+            out[jid] = (state, reason)
+    return out
+
+
+def live_ids(job_ids: list[str]) -> list[str]:
+    """The base ids of the jobs (or arrays) among `job_ids` that are pending or running."""
+    return sorted({base_id(j) for j in queued(job_ids)}, key=lambda j: (len(j), j))  # numeric order
+
+
+def scancel(job_ids: list[str]) -> dict[str, str]:
+    """scancel the jobs; returns id -> why, for those scancel could not cancel ({} when all went)."""
+    if not job_ids:
+        return {}
+    p = subprocess.run(["scancel", *job_ids], capture_output=True, text=True, check=False)
+    if p.returncode == 0:
+        return {}
+    # "scancel: error: Kill job error on job id 12: Invalid job id specified"
+    failed = {m[1]: m[2].strip() for m in re.finditer(r"job id (\S+): ([^\n]*)", p.stderr)}
+    return failed or {j: p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
+                      for j in job_ids}
+
+
+def describe_failures(failed: dict[str, str]) -> str:
+    """{12: 'Invalid job id specified'} -> '12 (Invalid job id specified)', all on one line."""
+    return ", ".join(f"{j} ({why})" for j, why in failed.items())
