@@ -44,7 +44,8 @@ def _label_keys(ldir: Path, split: Path) -> list[list[str]]:
 def test_a_rebuilt_dataset_is_re_embedded_and_its_label_shards_stay_aligned(tmp_path):
     from shards_tools.build import build
     from shards_tools.verify import verify_split
-    from unfused_dist.stages import pseudolabel
+    from unfused_dist.data.loader import ShardSource
+    from unfused_dist.stages import distill, pseudolabel
 
     split = build_noise_dataset(tmp_path / "data", 12, shard_samples=4)
     cfg = _run_cfg(tmp_path, split, tmp_path / "run")
@@ -54,10 +55,14 @@ def test_a_rebuilt_dataset_is_re_embedded_and_its_label_shards_stay_aligned(tmp_
     (raw / "c005.wav").rename(raw / "c005x.wav")
     shutil.rmtree(split.parent)
     build(raw, split.parent, workers=1, shard_samples=4, progress=False)
+    # the finished stage's labels are for the old shards: distill says how to redo them
+    with pytest.raises(UnfusedError, match=r"shards changed since the pseudolabel stage .* delete .*done.json"):
+        distill.pseudo_labels(tmp_path / "run/pseudolabel", ShardSource(split))
     (tmp_path / "run/pseudolabel/done.json").unlink()  # the stage is redone
     pseudolabel.run(cfg)
     verify_split(split)  # label shards: the same keys in the same order as the rebuilt audio shards
     assert "c005x" in _label_keys(pseudolabel.labels_dir(cfg), split)[1]
+    assert distill.pseudo_labels(tmp_path / "run/pseudolabel", ShardSource(split)) == pseudolabel.labels_dir(cfg)
 
 
 def test_labels_of_other_keys_than_the_manifests_say_to_re_run_the_pseudolabel_stage(tone_dataset):
@@ -73,6 +78,7 @@ def test_labels_of_other_keys_than_the_manifests_say_to_re_run_the_pseudolabel_s
 # ---- bug: runs whose folders share a name shared one label directory ----------------------------------
 
 def test_two_runs_with_the_same_folder_name_keep_their_own_label_shards(tmp_path):
+    from unfused_dist.data.loader import ShardSource
     from unfused_dist.stages import distill, pseudolabel
 
     split = build_noise_dataset(tmp_path / "data", 12, shard_samples=4)
@@ -84,7 +90,7 @@ def test_two_runs_with_the_same_folder_name_keep_their_own_label_shards(tmp_path
     pseudolabel.run(b)
     meta = json.loads((pseudolabel.labels_dir(a) / "meta.json").read_text())
     assert meta["k"] == 2  # run b did not overwrite run a's labels
-    assert distill.pseudo_labels(tmp_path / "a/run/pseudolabel") == pseudolabel.labels_dir(a)
+    assert distill.pseudo_labels(tmp_path / "a/run/pseudolabel", ShardSource(split)) == pseudolabel.labels_dir(a)
 
 
 def test_distill_refuses_label_shards_another_fit_wrote_and_runs_only_after_pseudolabel(tmp_path):

@@ -22,11 +22,8 @@ from typing import Any
 import yaml
 
 from .audio.frontend import FrontendConfig
-from .errors import UnfusedError
-
-
-class ConfigError(UnfusedError, ValueError):
-    """A bad config file, key or value; the message is one line a user can act on."""
+from .config_yaml import Scalar, parse_yaml, plain, read_yaml, yaml_problem
+from .errors import ConfigError
 
 
 @dataclass
@@ -264,7 +261,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     sources: dict[str, str] = {}  # dotted key -> where its value came from, for the error messages
     cfg = Config()
     if path is not None:
-        _update(cfg, _read_yaml(Path(path)), prefix="", where=str(path), sources=sources)
+        _update(cfg, read_yaml(Path(path)), prefix="", where=str(path), sources=sources)
     for item in overrides:
         key, sep, value = item.partition("=")
         key = key.strip()
@@ -280,78 +277,6 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
-# ---- reading YAML --------------------------------------------------------------------------------------
-
-class _Scalar(typing.NamedTuple):
-    """A YAML scalar that YAML 1.1 typed as something other than a string (int, float, bool, date), with
-    the text it was written as: a string key takes that text, so `task: 010` stays '010', not 8."""
-    value: Any
-    text: str
-
-    def __str__(self) -> str:
-        return self.text
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (a second `pretrain:` would silently drop the first) and
-    keeps the source text of typed scalars (_Scalar)."""
-
-    def construct_mapping(self, node, deep=False):
-        first_line: dict[str, int] = {}
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            if key_node.value in first_line:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key '{key_node.value}' (first on line {first_line[key_node.value]})",
-                    key_node.start_mark)
-            first_line[key_node.value] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
-
-
-for _tag in ("int", "float", "bool", "timestamp"):
-    _ConfigLoader.add_constructor(
-        f"tag:yaml.org,2002:{_tag}",
-        lambda loader, node, base=yaml.SafeLoader.yaml_constructors[f"tag:yaml.org,2002:{_tag}"]:
-            _Scalar(base(loader, node), node.value))
-
-
-def _parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """`LINE:COL: problem` of a YAML error, on one line."""
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return at + " ".join(str(problem).split())
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found (see configs/ for examples)") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory; give a YAML file, e.g. configs/demo.yaml") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
-                          "save it as UTF-8") from None
-    try:
-        raw = _parse_yaml(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
-    raw = _plain(raw)
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections (run:, data:, ...)")
-    return raw
-
-
 def _override_value(key: str, text: str, item: str) -> Any:
     """A string key takes the text as written (`run.name=12:30` is not 750); others parse it as YAML."""
     if _leaf_type(key) is str:
@@ -359,9 +284,9 @@ def _override_value(key: str, text: str, item: str) -> Any:
     if not text.strip():
         return ""
     try:
-        return _parse_yaml(text)
+        return parse_yaml(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{item}': not a valid value ({_yaml_problem(e)})") from None
+        raise ConfigError(f"override '{item}': not a valid value ({yaml_problem(e)})") from None
 
 
 def _leaf_type(dotted: str) -> Any:
@@ -375,14 +300,10 @@ def _leaf_type(dotted: str) -> Any:
     return None if dataclasses.is_dataclass(cls) else cls
 
 
-def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, _Scalar) else value
-
-
 # ---- setting keys --------------------------------------------------------------------------------------
 
 def _update(obj, raw: Any, prefix: str, where: str, sources: dict[str, str] | None = None) -> None:
-    raw = _plain(raw)
+    raw = plain(raw)
     if raw is None:  # a section whose keys are all commented out
         return
     if not isinstance(raw, dict):
@@ -417,9 +338,9 @@ def _set_dotted(obj, dotted: str, value: Any, where: str, prefix: str = "",
 
 
 def _coerce(value: Any, ftype, key: str, where: str):
-    if ftype is str and isinstance(value, _Scalar):
+    if ftype is str and isinstance(value, Scalar):
         return value.text  # what the user wrote, not YAML 1.1's reading of it (010 -> 8, 12:30 -> 750)
-    if isinstance(value, _Scalar):
+    if isinstance(value, Scalar):
         value = _number_as_written(value, key, where)
     origin = typing.get_origin(ftype)
     if origin in (typing.Union, types.UnionType):
@@ -446,7 +367,7 @@ def _coerce(value: Any, ftype, key: str, where: str):
     raise ConfigError(f"{where}: '{key}' expects {ftype.__name__}, got {value!r}")
 
 
-def _number_as_written(scalar: _Scalar, key: str, where: str) -> Any:
+def _number_as_written(scalar: Scalar, key: str, where: str) -> Any:
     """YAML 1.1 reads `010` as octal 8 and `1:30` as 90 (base 60): refuse both rather than guess."""
     text = scalar.text.lstrip("+-")
     if isinstance(scalar.value, (int, float)) and not isinstance(scalar.value, bool) and (

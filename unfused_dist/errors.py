@@ -7,3 +7,7 @@ class UnfusedError(Exception):
 
 class MissingArtefactError(UnfusedError, FileNotFoundError):
     """A stage's input that an earlier stage writes is not there: the message names the stage to run first."""
+
+
+class ConfigError(UnfusedError, ValueError):
+    """A bad config file, key or value; the message is one line a user can act on."""

@@ -18,6 +18,7 @@ from ..objectives.distill import DistillWeights, distillation_loss
 from ..data.transforms import train_transform
 from ..errors import MissingArtefactError, UnfusedError
 from .common import Features, norm_stats, split_dir, train_encoder
+from .pseudolabel import shards_digest
 
 
 class DistillModule(nn.Module):
@@ -39,31 +40,39 @@ class DistillModule(nn.Module):
         return loss, {"acc_pseudo": (z.argmax(1) == y).float().mean()}
 
 
-def pseudo_labels(stage: Path) -> Path:
+def pseudo_labels(stage: Path, target: ShardSource) -> Path:
     """This run's label shards dir, once its meta.json is shown to be what this run's pseudolabel stage
-    wrote (same K and centroids): label shards written since by another run or another fit are refused."""
+    wrote (same K and centroids) for the target's shards as they are now: label shards made before the
+    target was rebuilt, or written since by another run or another fit, are refused. The pipeline skips a
+    finished stage, so each refusal says to delete the stage's done.json: that redoes it."""
     if not is_done(stage):
         raise MissingArtefactError(f"{stage}: the pseudolabel stage has not finished; run it first "
                                    "(`unfused run pseudolabel`, or the whole pipeline) with this config")
+    redo = f"delete {stage / 'done.json'} and run the pseudolabel stage again"
+    report = _read_json(stage / "report.json", redo)
+    made_for = report.get("audio_shards_sha256")  # None in reports written before it was recorded
+    if made_for is not None and made_for != shards_digest(target):
+        raise UnfusedError(f"{target.split_dir}: the shards changed since the pseudolabel stage labelled them (a "
+                           f"rebuild?); {redo} (only the changed shards are embedded again)")
     labels = Path(read_done(stage)["labels_dir"])
-    meta, report = _read_json(labels / "meta.json"), _read_json(stage / "report.json")
+    meta = _read_json(labels / "meta.json", redo)
     theirs, ours = [(d.get("k"), d.get("centroids_sha256")) for d in (meta, report)]
     if theirs != ours:
         raise UnfusedError(f"{labels / 'meta.json'}: K {theirs[0]}, centroids {str(theirs[1])[:12]} differ from this "
                            f"run's pseudolabel report (K {ours[0]}, centroids {str(ours[1])[:12]}): the label "
-                           "shards were overwritten since; re-run the pseudolabel stage")
+                           f"shards were overwritten since; {redo}")
     return labels
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, redo: str) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UnfusedError(f"{path}: unreadable ({e}); re-run the pseudolabel stage") from None
+        raise UnfusedError(f"{path}: unreadable ({e}); {redo}") from None
 
 
 def run(cfg: Config) -> None:
-    labels = pseudo_labels(cfg.run.path / "pseudolabel")
+    labels = pseudo_labels(cfg.run.path / "pseudolabel", ShardSource(split_dir(cfg, "train")))
     out = cfg.run.path / "distill"
     reset(out)
     c = cfg.distill

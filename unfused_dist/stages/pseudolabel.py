@@ -43,6 +43,11 @@ def labels_dir(cfg: Config) -> Path:
     return split_dir(cfg, "train") / "labels" / f"{run.name}-{hashlib.sha256(str(run).encode()).hexdigest()[:8]}"
 
 
+def shards_digest(source: ShardSource) -> str:
+    """One checksum over the audio shards' own (from the manifest): the labels were made for exactly these."""
+    return hashlib.sha256("\n".join(s.sha256 for s in source.manifest.shards).encode()).hexdigest()[:16]
+
+
 def check_k(cfg: Config, source: ShardSource) -> None:
     """K clusters need at least K clips: checked before hours of embedding, not after."""
     k, clips = cfg.pseudolabel.k, source.manifest.num_samples
@@ -183,6 +188,7 @@ def _report(cfg: Config, out: Path, ldir: Path, fitted: dict, ids: np.ndarray, t
               "empty_clusters_repaired": fitted["repaired"], "cluster_sizes": sizes.tolist(),
               "empty_clusters_after_assignment": int((sizes == 0).sum()),
               "teacher_sha256": meta["sha256"], "labels_dir": str(ldir),
+              "audio_shards_sha256": shards_digest(ShardSource(split_dir(cfg, "train"))),
               "pca_sha256": sha256_of(out / "pca.npz"), "centroids_sha256": sha256_of(out / "centroids.npy"),
               "nmi_vs_true_labels": float(normalized_mutual_info_score(true, ids)) if labelled else None,
               "purity": _purity(true, ids) if labelled else None}
