@@ -37,9 +37,13 @@ def queued(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     return out
 
 
-def live_ids(job_ids: list[str]) -> list[str]:
-    """The base ids of the jobs (or arrays) among `job_ids` that are pending or running."""
-    return sorted({base_id(j) for j in queued(job_ids)}, key=lambda j: (len(j), j))  # numeric order
+def live_ids(job_ids: list[str], completing: bool = True) -> list[str]:
+    """The base ids of the jobs (or arrays) among `job_ids` that are pending or running. With
+    `completing=False`, jobs that have ended and whose processes slurmd is still cleaning up (COMPLETING:
+    a job just cancelled shows so for a few seconds) are left out: there is nothing left to cancel in them,
+    though a new launch must still wait for them (they may still write to the run dir)."""
+    live = {base_id(j) for j, (state, _) in queued(job_ids).items() if completing or state != "COMPLETING"}
+    return sorted(live, key=lambda j: (len(j), j))  # numeric order
 
 
 def scancel(job_ids: list[str]) -> dict[str, str]:

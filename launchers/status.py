@@ -111,6 +111,7 @@ def cancel(run: Path) -> tuple[list[str], dict[str, str]]:
     """scancel every pending or running job of every launch of the run; returns (the ids cancelled,
     id -> why for those scancel refused). Jobs SLURM no longer knows have finished: they are left alone."""
     cfg = load_config(Path(run) / "config.yaml")
-    live = live_ids([j for job in launched_jobs(cfg.run.path) if job["cluster"] == "slurm" for j in job["job_ids"]])
+    live = live_ids([j for job in launched_jobs(cfg.run.path) if job["cluster"] == "slurm" for j in job["job_ids"]],
+                    completing=False)
     failed = scancel(live)
     return [j for j in live if j not in failed], failed

@@ -15,7 +15,19 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def ci_local_run(tmp_path_factory):
+def ci_data():
+    """The `ci` corpora and their shards (data/ci, what configs/ci.yaml reads), built once if missing:
+    every test that runs a stage of configs/ci.yaml asks for it, so each runs alone too."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(["bash", "scripts/make_data.sh", "ci"], cwd=root, check=True)
+    return root / "data" / "ci"
+
+
+@pytest.fixture(scope="session")
+def ci_local_run(tmp_path_factory, ci_data):
     """The whole `ci` pipeline on this machine (2 processes), once per session: its run dir, its output,
     and its results table as it was when it finished (later tests re-run stages in that dir)."""
     import json
@@ -24,7 +36,6 @@ def ci_local_run(tmp_path_factory):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    subprocess.run(["bash", "scripts/make_data.sh", "ci"], cwd=root, check=True)
     run_dir = tmp_path_factory.mktemp("run") / "ci"
     proc = subprocess.run([sys.executable, "-m", "unfused_dist.cli", "run", "pipeline", "-c", "configs/ci.yaml",
                            f"run.dir={run_dir}", "run.nproc=2"], cwd=root, capture_output=True, text=True)

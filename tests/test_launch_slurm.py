@@ -82,7 +82,7 @@ def test_the_ci_pipeline_on_slurm_runs_stage_by_stage_and_matches_the_local_run(
     assert status.returncode == 0 and "pseudolabel-embed" in status.stdout and "COMPLETED" in status.stdout
 
 
-def test_a_requeued_training_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
+def test_a_requeued_training_job_resumes_from_its_checkpoint(slurm_cluster, ci_data, tmp_path):
     run = tmp_path / "rq"
     r = _unfused("launch", "pretrain", "-c", "configs/ci.yaml", "--cluster", "slurm", "--resources",
                  "configs/slurm/ci.yaml", f"run.dir={run}", "run.name=rq", "pretrain.max_steps=12",
@@ -108,7 +108,7 @@ def _logs(run: Path) -> str:
     return "\n".join(re.sub(r"[^\n]*\r", "", p.read_text(errors="replace"))[-2000:] for p in files)
 
 
-def test_cancel_stops_every_unfinished_job_of_a_run(slurm_cluster, tmp_path):
+def test_cancel_stops_every_unfinished_job_of_a_run(slurm_cluster, ci_data, tmp_path):
     run = tmp_path / "cx"
     r = _unfused("launch", "pipeline", "-c", "configs/ci.yaml", "--cluster", "slurm", "--resources",
                  "configs/slurm/ci.yaml", f"run.dir={run}", "run.name=cx", env=slurm_cluster.env)

@@ -286,14 +286,14 @@ def test_prometheus_discovers_a_job_and_computes_its_throughput(tmp_path, free_p
 
 
 @pytest.mark.slow
-def test_prometheus_discovers_a_real_pretraining_run_which_sigterm_stops_after_a_checkpoint(tmp_path, free_port):
+def test_prometheus_discovers_a_real_pretraining_run_which_sigterm_stops_after_a_checkpoint(tmp_path, free_port,
+                                                                                           ci_data):
     """The real thing: `unfused run pretrain` on the ci corpus (SSL, 2 DataLoader workers) is found by a real
     Prometheus through its target file and shows a positive audio-seconds rate; SIGTERM then makes it save a
     checkpoint, exit 0 and remove its target, and the same command resumes from that checkpoint."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail("the `prometheus` server binary is not installed: run `make setup`")
-    subprocess.run(["bash", "scripts/make_data.sh", "ci"], cwd=ROOT, check=True, capture_output=True)
     targets, log_path = tmp_path / "targets", tmp_path / "prometheus.log"
     targets.mkdir()
     config = tmp_path / "prometheus.yml"
