@@ -10,6 +10,8 @@ import re
 import shutil
 import subprocess
 
+from unfused_dist.errors import UnfusedError
+
 # squeue's states of a job that has not finished (it also lists finished jobs for MinJobAge seconds).
 LIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
         "RESIZING", "SIGNALING", "STAGE_OUT", "SUSPENDED", "STOPPED"}
@@ -22,14 +24,19 @@ def base_id(job_id: str) -> str:
 
 def queued(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     """Job id (as squeue prints it: 12, 12_3, 12_[4-7]) -> (state, reason) for every live job among
-    `job_ids` (or their arrays); {} without squeue."""
+    `job_ids` (or their arrays); {} without squeue. A failing squeue (controller unreachable, bad SLURM_CONF)
+    is an error, never an empty queue: a launch would then run over live jobs, a cancel miss them."""
     bases = {base_id(j) for j in job_ids}
     if not bases or shutil.which("squeue") is None:
         return {}
     # No -j: squeue refuses the whole list when one id is unknown to the controller.
     p = subprocess.run(["squeue", "-h", "-o", "%i|%T|%r"], capture_output=True, text=True, check=False)
+    if p.returncode:
+        why = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+        raise UnfusedError(f"squeue failed ({why}): whether jobs of this run are pending or running is unknown; "
+                           "check that slurmctld answers (`sinfo`) and SLURM_CONF, then run the command again")
     out = {}
-    for line in p.stdout.splitlines() if p.returncode == 0 else []:
+    for line in p.stdout.splitlines():
         jid, _, rest = line.strip().partition("|")
         state, _, reason = rest.partition("|")
         if base_id(jid) in bases and state in LIVE:
@@ -50,7 +57,8 @@ def scancel(job_ids: list[str]) -> dict[str, str]:
     """scancel the jobs; returns id -> why, for those scancel could not cancel ({} when all went)."""
     if not job_ids:
         return {}
-    p = subprocess.run(["scancel", *job_ids], capture_output=True, text=True, check=False)
+    # -Q: a job that ended since squeue listed it is no failure (SLURM 22.05 says nothing then; others may)
+    p = subprocess.run(["scancel", "-Q", *job_ids], capture_output=True, text=True, check=False)
     if p.returncode == 0:
         return {}
     # "scancel: error: Kill job error on job id 12: Invalid job id specified"

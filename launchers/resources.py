@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,14 @@ def load_resources(path: str | Path | None) -> ClusterResources:
         raise ConfigError(f"{path}: resources file not found (see configs/slurm/ for examples)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a resources file is a mapping of sections (default:, pretrain:, ...), "
+                          f"not a {type(raw).__name__}; see configs/slurm/default.yaml")
     out = ClusterResources(source=str(path))
     for key, value in raw.items():
+        if key != "array_parts" and not isinstance(value or {}, dict):
+            raise ConfigError(f"{path}: section '{key}' must be a mapping of keys (cpus_per_task: 4, ...), "
+                              f"got {value!r}")
         if key == "default":
             _update(out.default, value or {}, prefix="default.", where=str(path))
             _check_values(out.default, value or {}, "default", path)
@@ -104,5 +111,5 @@ def _check_values(res: Resources, raw: dict, section: str, path) -> None:
         value = getattr(res, key)
         if key in MINIMUM and value < MINIMUM[key]:
             raise ConfigError(f"{path}: '{section}.{key}' must be >= {MINIMUM[key]}, got {value}")
-        if key == "mem_gb" and value <= 0:
+        if key == "mem_gb" and not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{path}: '{section}.mem_gb' must be > 0, got {value}")

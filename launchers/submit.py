@@ -15,9 +15,12 @@ directories, and the new jobs would not wait for them). A job whose dependency f
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import shlex
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from .queue import describe_failures, live_ids, scancel
 from .resources import ClusterResources
 
 LAUNCH_FILE = "launch.json"
+LOCK_FILE = ".launch.lock"  # held while a launch checks the queue and submits
 PSEUDOLABEL_JOBS = ["pseudolabel-embed", "pseudolabel-fit", "pseudolabel-assign", "pseudolabel-finish"]
 ARRAYS = {"pseudolabel-embed", "pseudolabel-assign"}
 
@@ -89,11 +93,34 @@ def job_graph(cfg: Config, target: str, parts: int) -> list[JobSpec]:
 
 def launch(cfg: Config, config_path: Path, target: str, cluster: str, resources: ClusterResources) -> list[Submitted]:
     """Submit the jobs; on SLURM returns at once, locally when the last job has finished."""
-    specs = job_graph(cfg, target, resources.array_parts)
-    if not specs:
-        print(f"[launch] {target}: every stage is done already ({cfg.run.path})")
-        return []
-    _refuse_if_live(cfg.run.path)
+    with _only_launch(cfg.run.path):
+        specs = job_graph(cfg, target, resources.array_parts)
+        if not specs:
+            print(f"[launch] {target}: every stage is done already ({cfg.run.path})")
+            return []
+        _refuse_if_live(cfg.run.path)
+        return _submit_all(cfg, config_path, cluster, resources, specs)
+
+
+@contextmanager
+def _only_launch(run: Path):
+    """One `unfused launch` of a run at a time: two started together would both pass _refuse_if_live and
+    queue two pipelines into the same directories. The lock goes when this process ends, however it ends."""
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / LOCK_FILE, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UnfusedError(f"{run}: another `unfused launch` of this run is still submitting (or running it "
+                               "locally); wait for it to return, then check `unfused status`") from None
+        except OSError as e:  # a file system without locks (e.g. Lustre mounted noflock): go on, but say so
+            print(f"[launch] {lock.name}: cannot lock ({e.strerror}); start one launch of a run at a time",
+                  file=sys.stderr)
+        yield
+
+
+def _submit_all(cfg: Config, config_path: Path, cluster: str, resources: ClusterResources,
+                specs: list[JobSpec]) -> list[Submitted]:
     (Path(cfg.metrics.targets_dir or cfg.run.path / "metrics" / "targets")).mkdir(parents=True, exist_ok=True)
     ids: dict[str, str] = {}  # job name -> SLURM job id (an array's base id covers all its tasks)
     submitted = []

@@ -108,6 +108,9 @@ def _log_saves(trainer: Trainer, path: Path, rank: int, kill_in: int) -> None:
         if rank == 0:
             with open(path, "a") as f:
                 f.write(f"{step}\n")
+            with open(path.with_name(path.name.replace("saves-", "windows-")), "a") as f:
+                # micro-steps into the engine's accumulation window: 0 unless the save is the run's last
+                f.write(f"{trainer.engine.micro_steps % trainer.cfg.grad_accum}\n")
         return save(engine, step, *a, **k)
 
     def dying(*a, **k):

@@ -62,6 +62,7 @@ def test_an_unwritable_run_dir_is_a_config_error(tmp_path):
     ("data.num_workers=-1", "'data.num_workers' is -1; use an integer >= 0"),
     ("engine.keep_checkpoints=0", "'engine.keep_checkpoints' is 0; use an integer >= 1"),
     ("run.nproc=0", "'run.nproc' is 0; use an integer >= 1"),
+    ("run.seed=4294967296", "'run.seed' is 4294967296; use an integer from 0 to 4294967295"),
     ("pseudolabel.init_points=8", "'pseudolabel.init_points' is 8; use at least pseudolabel.k (32)"),
     ("audio.f_max=9000", "'audio.f_max' is 9000.0; use more than audio.f_min (60) and at most half of"),
 ])
@@ -118,6 +119,9 @@ def test_string_keys_keep_the_text_as_written(tmp_path):
     cfg = load_config(None, ["data.task=010", "run.name=12:30"])
     assert (cfg.data.task, cfg.run.name) == ("010", "12:30")
     assert load_config(None, ["run.name=2024-06-01"]).run.name == "2024-06-01"
+    cfg = load_config(None, ['run.name="a b"', "data.task= 010 ", "run.name='it''s'"])
+    assert (cfg.run.name, cfg.data.task) == ("it's", "010")
+    assert load_config(None, ['run.name="a b"']).run.name == "a b"
     path = tmp_path / "c.yaml"
     path.write_text("run:\n  name: 2024-06-01\ndata:\n  task: 0755\n")
     cfg = load_config(path)

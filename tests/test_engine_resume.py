@@ -197,3 +197,50 @@ def test_reshard_to_more_processes_at_zero_0_trains_the_remaining_epochs(data, t
     assert history[-1]["lr"] == 0.0
     ckpts = Checkpoints(tmp_path / "ckpt")  # the 1-process checkpoints (steps up to 18) are gone
     assert ckpts.tags() == ["step00000024", "step00000021"] and ckpts.newest_complete()[1]["world_size"] == 2
+
+
+def test_reshard_with_grad_accum_saves_only_at_the_engines_accumulation_boundaries(data, tmp_path):
+    # 1 process: 16 steps an epoch; the newest checkpoint is step 18 (epoch 1). 2 processes restart epoch 1
+    # at step 8, which is 2 micro-steps into a window of 3 in global steps but 0 in the fresh engine's.
+    r = _job(data, tmp_path, nproc=1, zero=0, grad_accum=3, save_every=3, kill_at=20, name="one")
+    assert r.returncode != 0
+    r = _job(data, tmp_path, zero=0, grad_accum=3, save_every=3, name="two", reshard=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "restarting epoch 1 at step 8" in r.stdout + r.stderr
+    windows = [int(w) for w in (tmp_path / "windows-two.txt").read_text().split()]
+    assert len(windows) == len(_saves(tmp_path, "two")) >= 3
+    assert windows[:-1] == [0] * (len(windows) - 1)  # the last save is the run's end
+
+
+
+class _Payload:
+    """A pickle that runs a command when unpickled: what a tampered checkpoint file could hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("victim, nproc", [("zero_pp_rank_0_mp_rank_00_optim_states.pt", 1),  # exact resume
+                                           ("mp_rank_00_model_states.pt", 1),
+                                           ("zero_pp_rank_0_mp_rank_00_optim_states.pt", 2)])  # reshard
+def test_a_checkpoint_file_holding_code_is_refused_and_never_run(data, tmp_path, victim, nproc):
+    r = _job(data, tmp_path, nproc=1, zero=1, kill_at=20, name="one")  # newest checkpoint: step 18
+    assert r.returncode != 0
+    ckpts = Checkpoints(tmp_path / "ckpt")
+    tag = ckpts.newest_complete()[0]
+    marker = tmp_path / "payload-ran"
+    torch.save({"optimizer_state_dict": _Payload(marker)}, tmp_path / "ckpt" / tag / victim)
+    meta_path = tmp_path / "ckpt" / tag / META  # sizes as the manifest says: the checkpoint looks complete
+    meta = json.loads(meta_path.read_text())
+    meta["files"][victim] = (tmp_path / "ckpt" / tag / victim).stat().st_size
+    meta_path.write_text(json.dumps(meta))
+    assert ckpts.newest_complete()[0] == tag
+    r = _job(data, tmp_path, nproc=nproc, zero=1, name="resumed", **({"reshard": True} if nproc == 2 else {}))
+    assert r.returncode != 0 and f"{tag}/{victim}: refused to load: it holds more than weights" in r.stderr, \
+        r.stderr[-3000:]
+    assert not marker.exists()
+    assert not _keys(tmp_path, "resumed", 0)  # refused before training a step

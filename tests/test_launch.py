@@ -85,6 +85,9 @@ def test_launch_local_runs_the_pseudolabel_jobs_arrays_included(tmp_path):
     ("default: {time_min: -5}\n", r"r.yaml: 'default.time_min' must be >= 1, got -5"),
     ("pretrain: {gpus_per_node: -2}\n", r"r.yaml: 'pretrain.gpus_per_node' must be >= 0, got -2"),
     ("finetune: {mem_gb: 0}\n", r"r.yaml: 'finetune.mem_gb' must be > 0, got 0"),
+    ("finetune: {mem_gb: .nan}\n", r"r.yaml: 'finetune.mem_gb' must be > 0, got nan"),
+    ("- default\n", r"r.yaml: a resources file is a mapping of sections .*, not a list"),
+    ("pretrain: 4\n", r"r.yaml: section 'pretrain' must be a mapping of keys .*, got 4"),
 ])
 def test_resources_refuse_values_sbatch_cannot_use_naming_file_section_and_key(tmp_path, text, message):
     bad = tmp_path / "r.yaml"

@@ -7,6 +7,7 @@ No job of these tests runs: the jobs without a dependency (pretrain, finetune-*)
 time, and a job's state changes only when the test (or the launcher under test) acts on it."""
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers.submit import LAUNCH_FILE, latest_jobs
+from launchers.submit import LAUNCH_FILE, LOCK_FILE, latest_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD = """
@@ -33,12 +34,12 @@ def _unfused(*args: str, env: dict) -> subprocess.CompletedProcess:
 @pytest.fixture
 def launch(slurm_cluster, tone_dataset, tmp_path):
     """`unfused launch TARGET` of one run (tmp_path/run) on the test cluster, with resources `text`."""
-    def run(target: str = "pipeline", text: str = HELD) -> subprocess.CompletedProcess:
+    def run(target: str = "pipeline", text: str = HELD, env: dict | None = None) -> subprocess.CompletedProcess:
         resources = tmp_path / "resources.yaml"
         resources.write_text(text)
         return _unfused("launch", target, "--cluster", "slurm", "--resources", str(resources),
                         f"run.dir={tmp_path / 'run'}", f"data.pool={tone_dataset / 'train'}",
-                        f"data.target={tone_dataset}", env=slurm_cluster.env)
+                        f"data.target={tone_dataset}", env=env or slurm_cluster.env)
     return run
 
 
@@ -113,3 +114,30 @@ def test_cancel_covers_every_launch_and_skips_jobs_slurm_has_forgotten(slurm_clu
     for job_id in live:
         assert _squeue_state(slurm_cluster, job_id) == "CANCELLED"
     assert _unfused("cancel", str(run), env=slurm_cluster.env).stdout.strip() == "no unfinished jobs"
+
+
+def test_a_failing_squeue_refuses_launch_status_and_cancel_and_touches_no_job(slurm_cluster, launch, tmp_path):
+    run = tmp_path / "run"
+    assert launch().returncode == 0
+    launches = (run / LAUNCH_FILE).read_text()
+    held = _id(run, "pretrain")
+    broken = tmp_path / "empty-slurm.conf"  # a real squeue that fails at once, as with a bad SLURM_CONF
+    broken.write_text("")
+    env = {**slurm_cluster.env, "SLURM_CONF": str(broken)}
+    for r in (_unfused("cancel", str(run), env=env), _unfused("status", str(run), env=env), launch(env=env)):
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert "squeue failed" in r.stderr and "SLURM_CONF" in r.stderr, r.stderr
+    assert (run / LAUNCH_FILE).read_text() == launches  # no second launch recorded
+    assert _squeue_state(slurm_cluster, held) == "PENDING"  # nothing cancelled
+
+
+def test_a_second_launch_while_one_is_submitting_is_refused(slurm_cluster, launch, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / LOCK_FILE, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # what a launch still checking the queue and submitting holds
+        r = launch()
+        assert r.returncode != 0 and "another `unfused launch` of this run" in r.stderr, r.stdout + r.stderr
+        assert "Traceback" not in r.stderr and not (run / LAUNCH_FILE).exists()
+    assert launch().returncode == 0  # the first launch returned: the next one goes ahead
+

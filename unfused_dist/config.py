@@ -232,7 +232,7 @@ AT_LEAST_0, AT_LEAST_1, POSITIVE, FRACTION = Range(0), Range(1), Range(0, low_op
 # batch size, an empty epoch loop, a k-means with one cluster, a port the socket refuses) is checked here,
 # when the config loads, instead of hours into a run. Float fields not listed must still be finite.
 RANGES: dict[type, dict[str, Range]] = {
-    RunConfig: {"seed": Range(0, 2 ** 63 - 1), "nproc": AT_LEAST_1},
+    RunConfig: {"seed": Range(0, 2 ** 32 - 1), "nproc": AT_LEAST_1},  # k-means++ (sklearn) takes 32 bits
     DataConfig: {"task_seconds": POSITIVE, "num_workers": AT_LEAST_0, "shuffle_buffer": AT_LEAST_1},
     FrontendConfig: {"sample_rate": AT_LEAST_1, "n_fft": Range(2), "hop_length": AT_LEAST_1,
                      "n_mels": Range(8),  # the encoder pools frequency by 8
@@ -278,8 +278,16 @@ def save_config(cfg: Config, path: Path) -> None:
 
 
 def _override_value(key: str, text: str, item: str) -> Any:
-    """A string key takes the text as written (`run.name=12:30` is not 750); others parse it as YAML."""
+    """A string key takes the text as written (`run.name=12:30` is not 750), without surrounding spaces,
+    and unquoted as YAML when quoted whole (`'run.name="a b"'`); others parse it as YAML."""
     if _leaf_type(key) is str:
+        text = text.strip()
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            try:
+                unquoted = parse_yaml(text)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override '{item}': not a valid quoted string ({yaml_problem(e)})") from None
+            return unquoted if isinstance(unquoted, str) else text
         return text
     if not text.strip():
         return ""

@@ -145,15 +145,17 @@ class Checkpoints:
         where = self.dir / tag
         if zero_stage > 0:  # trainable weights from every rank's fp32 partitions; the rest from the module file
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            for path in sorted(where.glob("*.pt")):  # zero_to_fp32 unpickles freely: only data may reach it
+                load_weights_only(path, mmap=True)
             return get_fp32_state_dict_from_zero_checkpoint(str(self.dir), tag=tag)
         if precision != "fp32":  # stage 0 keeps its fp32 master weights inside its 16-bit optimizer
             raise ResumeError(f"{where}: a ZeRO stage 0 {precision} checkpoint holds no fp32 weights to reshard; "
                               "resume it with the processes that saved it, or train at engine.zero_stage >= 1")
         # stage 0: every rank holds the whole module, saved as is in the model states file
-        return torch.load(where / MODEL_STATES, map_location="cpu", weights_only=True)["module"]
+        return load_weights_only(where / MODEL_STATES)["module"]
 
     def load_rank_state(self, tag: str, rank: int) -> dict:
-        return torch.load(self.dir / tag / rank_file(rank), weights_only=True)
+        return load_weights_only(self.dir / tag / rank_file(rank))
 
     def _prune(self) -> None:
         """Keep the `keep` newest complete checkpoints; anything older goes (complete or not)."""
@@ -188,3 +190,42 @@ def set_rng_state(state: dict) -> None:
 def _tuples(x):
     """random.setstate wants the nested tuples back (a save/load round trip may give lists)."""
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _deepspeed_data_classes() -> list:
+    """The only non-tensor classes DeepSpeed pickles into its checkpoint files (0.19: found by loading
+    ZeRO 0-3 checkpoints weights-only); plain data, nothing that runs code when unpickled."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path, map_location="cpu", mmap: bool = False):
+    """torch.load with weights_only=True (tensors, containers, numbers, strings and DeepSpeed's few data
+    classes): a checkpoint directory writable by others can hand us data, never code. mmap: only check
+    what a file holds, without reading its tensors into memory (zip-format files)."""
+    import pickle
+    try:
+        with torch.serialization.safe_globals(_deepspeed_data_classes()):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if not mmap or "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location=map_location, weights_only=True)  # not a zip file
+    except pickle.UnpicklingError as e:
+        found = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), str(e)[:200])
+        raise ResumeError(f"{path}: refused to load: it holds more than weights ({found}); a checkpoint "
+                          "written by this framework never does: move the checkpoint away (or, if you trust it "
+                          "and DeepSpeed stores a new data class, add it to _deepspeed_data_classes)") from None
+
+
+def load_deepspeed_weights_only(engine) -> None:
+    """DeepSpeed's checkpoint engine unpickles with weights_only=False (any code in a pickle runs): make the
+    engine's resume go through load_weights_only instead."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    if not isinstance(engine.checkpoint_engine, TorchCheckpointEngine):
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}")
+    engine.checkpoint_engine.load = load_weights_only
+

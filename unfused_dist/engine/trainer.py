@@ -25,7 +25,7 @@ from ..artefacts import atomic_write_text
 from ..config import EngineConfig, OptimConfig
 from ..errors import UnfusedError
 from ..metrics.exporter import NULL, Metrics
-from .checkpoint import Checkpoints, ResumeError, rng_state, set_rng_state
+from .checkpoint import Checkpoints, ResumeError, load_deepspeed_weights_only, rng_state, set_rng_state
 from .distributed import all_gather_object, all_reduce_max, average_buffers, barrier, init_distributed, is_main
 from .dsconfig import deepspeed_config
 from .preemption import Preempted, PreemptionSignals
@@ -87,6 +87,7 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(engine_cfg, micro_batch, self.world))
+        load_deepspeed_weights_only(self.engine)
         self.signals = PreemptionSignals()
         self.metrics = metrics  # owned by the stage (metrics.exporter.stage_metrics); NULL: none
 
@@ -180,8 +181,9 @@ class Trainer:
         flags = all_reduce_max([float(final or due_step or due_time or self._postponed),
                                 float(self.signals.received is not None)])
         save, stop = bool(flags[0]), bool(flags[1])
-        if p.global_step % c.grad_accum and not final:
-            # DeepSpeed saves no accumulated gradients: a save (a signal's too) waits for the window's end
+        if self.engine.micro_steps % c.grad_accum and not final:
+            # DeepSpeed saves no accumulated gradients: a save (a signal's too) waits for the window's end.
+            # The window is the engine's own count: after a reshard it need not align with global_step.
             self._postponed = save
             return
         self._postponed = False
