@@ -132,3 +132,17 @@ def test_numbers_yaml_would_misread_are_refused(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("pretrain:\n  epochs: 010\n")
     assert "'pretrain.epochs' is written 010, which YAML reads as 8" in _error(path=path)
+
+
+def test_saving_the_config_replaces_the_file_whole(tmp_path):
+    """Each stage's rank 0 saves RUN/config.yaml again while its other ranks load it: a reader must see the
+    old file or the new one, never a truncated one."""
+    from unfused_dist.config import save_config
+    path = tmp_path / "config.yaml"
+    save_config(load_config(None), path)
+    before = path.read_text()
+    with open(path, encoding="utf-8") as reader:  # a rank that opened it just before the save
+        save_config(load_config(None, ["run.name=other"]), path)
+        assert reader.read() == before
+    assert load_config(path).run.name == "other"
+

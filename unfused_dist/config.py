@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from .artefacts import atomic_write_text
 from .audio.frontend import FrontendConfig
 from .config_yaml import Scalar, parse_yaml, plain, read_yaml, yaml_problem
 from .errors import ConfigError
@@ -273,8 +274,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    """Written whole or not at all: every stage's rank 0 saves it again while the other ranks read it."""
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _override_value(key: str, text: str, item: str) -> Any:
