@@ -39,7 +39,9 @@ def ci_local_run(tmp_path_factory, ci_data):
     run_dir = tmp_path_factory.mktemp("run") / "ci"
     proc = subprocess.run([sys.executable, "-m", "unfused_dist.cli", "run", "pipeline", "-c", "configs/ci.yaml",
                            f"run.dir={run_dir}", "run.nproc=2"], cwd=root, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # a rank's one-line error comes first: a traceback of the rank left waiting would push it out of the tail
+    errors = [line for line in proc.stderr.splitlines() if "unfused: error:" in line]
+    assert proc.returncode == 0, "\n".join(errors) + "\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"run_dir": run_dir, "stdout": proc.stdout,
             "results": json.loads((run_dir / "results.json").read_text())}
 
