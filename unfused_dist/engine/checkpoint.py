@@ -228,4 +228,3 @@ def load_deepspeed_weights_only(engine) -> None:
     if not isinstance(engine.checkpoint_engine, TorchCheckpointEngine):
         raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}")
     engine.checkpoint_engine.load = load_weights_only
-
