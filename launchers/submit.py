@@ -15,18 +15,15 @@ directories, and the new jobs would not wait for them). A job whose dependency f
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import shlex
-import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import submitit
 
-from unfused_dist.artefacts import atomic_write_text, is_done
+from unfused_dist.artefacts import atomic_write_text, exclusive_lock, is_done
 from unfused_dist.config import Config
 from unfused_dist.errors import UnfusedError
 from unfused_dist.pipeline import stage_dir, stage_names
@@ -102,21 +99,12 @@ def launch(cfg: Config, config_path: Path, target: str, cluster: str, resources:
         return _submit_all(cfg, config_path, cluster, resources, specs)
 
 
-@contextmanager
 def _only_launch(run: Path):
     """One `unfused launch` of a run at a time: two started together would both pass _refuse_if_live and
-    queue two pipelines into the same directories. The lock goes when this process ends, however it ends."""
-    run.mkdir(parents=True, exist_ok=True)
-    with open(run / LOCK_FILE, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UnfusedError(f"{run}: another `unfused launch` of this run is still submitting (or running it "
-                               "locally); wait for it to return, then check `unfused status`") from None
-        except OSError as e:  # a file system without locks (e.g. Lustre mounted noflock): go on, but say so
-            print(f"[launch] {lock.name}: cannot lock ({e.strerror}); start one launch of a run at a time",
-                  file=sys.stderr)
-        yield
+    queue two pipelines into the same directories."""
+    return exclusive_lock(run / LOCK_FILE, unlocked="start one launch of a run at a time",
+                          busy=f"{run}: another `unfused launch` of this run is still submitting (or running it "
+                               "locally); wait for it to return, then check `unfused status`")
 
 
 def _submit_all(cfg: Config, config_path: Path, cluster: str, resources: ClusterResources,

@@ -145,4 +145,3 @@ def test_saving_the_config_replaces_the_file_whole(tmp_path):
         save_config(load_config(None, ["run.name=other"]), path)
         assert reader.read() == before
     assert load_config(path).run.name == "other"
-

@@ -212,7 +212,6 @@ def test_reshard_with_grad_accum_saves_only_at_the_engines_accumulation_boundari
     assert windows[:-1] == [0] * (len(windows) - 1)  # the last save is the run's end
 
 
-
 class _Payload:
     """A pickle that runs a command when unpickled: what a tampered checkpoint file could hold."""
 

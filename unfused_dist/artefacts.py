@@ -1,12 +1,17 @@
 """Stage artefact directories: `done.json` written last (atomic rename) marks a finished stage."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .errors import UnfusedError
 
 DONE = "done.json"
 
@@ -45,3 +50,22 @@ def reset(directory: Path, keep_checkpoints: bool = True) -> None:
             # several ranks may reset the same directory at once: what another removed is not an error
             shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def exclusive_lock(path: Path, busy: str | None = None, unlocked: str = "run one at a time"):
+    """Hold an exclusive flock on `path` for the block; it goes when the file closes, also if the process
+    dies. busy=None waits for the lock; otherwise, when another process holds it, UnfusedError(busy) at
+    once. A file system without locks (e.g. Lustre mounted noflock): a warning ending in `unlocked`, and the
+    block runs unlocked."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy is not None else 0))
+        except BlockingIOError:
+            raise UnfusedError(busy) from None
+        except OSError as e:
+            print(f"{path}: cannot lock ({e.strerror}); {unlocked}", file=sys.stderr, flush=True)
+        yield
+

@@ -8,11 +8,9 @@ matches the manifest's sha256 and count is never redone; any other (the dataset 
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
-import sys
 import uuid
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..artefacts import atomic_write_text
+from ..artefacts import atomic_write_text, exclusive_lock
 from ..data.loader import ShardSource, ShardStream, ShardSubset, make_loader
 from ..errors import UnfusedError
 
@@ -37,12 +35,8 @@ def prepare(directory: Path, identity: dict) -> None:
     same folder at once, or one removed the fresh folder the other had just started filling)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    with open(directory.parent / f".{directory.name}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        except OSError as e:  # a file system without locks (e.g. Lustre mounted noflock): go on, but say so
-            print(f"[pseudolabel] {lock.name}: cannot lock ({e.strerror}); start embedding tasks one at a "
-                  "time if a stale dump must be replaced", file=sys.stderr)
+    with exclusive_lock(directory.parent / f".{directory.name}.lock",
+                        unlocked="start embedding tasks one at a time if a stale dump must be replaced"):
         if _read_identity(directory) != identity:
             _discard(directory)
             directory.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,11 @@ The directory must be shared by all ranks (as DeepSpeed requires for multi-node 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -204,16 +206,11 @@ def _deepspeed_data_classes() -> list:
 def load_weights_only(path, map_location="cpu", mmap: bool = False):
     """torch.load with weights_only=True (tensors, containers, numbers, strings and DeepSpeed's few data
     classes): a checkpoint directory writable by others can hand us data, never code. mmap: only check
-    what a file holds, without reading its tensors into memory (zip-format files)."""
-    import pickle
+    what a file holds, without reading its tensors into memory (torch can map only zip-format files)."""
     try:
         with torch.serialization.safe_globals(_deepspeed_data_classes()):
-            try:
-                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-            except RuntimeError as e:
-                if not mmap or "mmap" not in str(e):
-                    raise
-                return torch.load(path, map_location=map_location, weights_only=True)  # not a zip file
+            return torch.load(path, map_location=map_location, weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         found = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), str(e)[:200])
         raise ResumeError(f"{path}: refused to load: it holds more than weights ({found}); a checkpoint "
