@@ -27,7 +27,9 @@ by epoch (a drifting machine speed then skews no ratio). The shards loader is ma
 persist across epochs, as in training; the per-file baseline is a plain DataLoader at torch's defaults
 (new workers each epoch, forked: ~10 ms each).
 Targets, per codec: shards / CPU limit >= 0.9, shards / per-file >= 1.0. Exit code 0 whatever the ratios.
-Also printed: the loaders' own cost (a no-op transform) and each shards worker's private memory after the run.
+Also printed: the loaders' own cost (a no-op transform), each shards worker's private memory after the run,
+and the wait for an epoch's first batch of shards (the shuffle buffer fills before it yields) against the
+mean time per batch.
 """
 from __future__ import annotations
 
@@ -171,11 +173,20 @@ def shards_epochs(split_dir: Path, transform, args):
     stream = ShardStream(ShardSource(split_dir), transform, seed=SEED, shuffle=True, rank=0, world=1,
                          workers=args.workers, batch_size=args.batch_size, shuffle_buffer=SHUFFLE_BUFFER)
     loader = make_loader(stream)
+    first_waits, epoch_seconds = [], []
 
     def one_epoch(epoch: int) -> int:
         stream.set_position(epoch, 0)
-        return drain(loader)
+        t0, clips = time.perf_counter(), 0
+        for batch in loader:
+            if not clips:
+                first_waits.append(time.perf_counter() - t0)
+            clips += len(batch[0])
+        epoch_seconds.append(time.perf_counter() - t0)
+        return clips
     one_epoch.worker_private_mib = lambda: private_mib(loader)
+    # the wait for an epoch's first batch (the shuffle buffer fills first), against the mean time per batch
+    one_epoch.first_batch = lambda: (np.mean(first_waits[1:]), np.mean(epoch_seconds[1:]) / stream.batches_per_epoch())
     return one_epoch
 
 
@@ -281,6 +292,7 @@ def measure_codec(codec: str, paths: list[Path], ws: Workspace, args, transform,
             "files_noop": per_file_epochs(paths, codec, noop, args),
         }, args.epochs))
         r["worker_mib"] = shards.worker_private_mib()
+        r["first_batch_s"], r["batch_s"] = shards.first_batch()
     finally:
         parallel.close()
     return r
@@ -327,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['codec']}, no-op transform (the loaders' own cost: worker start-up, reading, "
                   f"shuffling, seeding, batching, IPC): shards {r['shards_noop']:,.0f} clips/s, "
                   f"per-file {r['files_noop']:,.0f} clips/s")
+            print(f"{r['codec']}, shards loader: an epoch's first batch after {1e3 * r['first_batch_s']:.0f} ms, "
+                  f"{r['first_batch_s'] / r['batch_s']:.1f}x the mean time per batch ({1e3 * r['batch_s']:.0f} ms; "
+                  f"the shuffle buffer of {SHUFFLE_BUFFER} fills before it yields, reading members without decoding)")
             if r["worker_mib"] is not None:
                 print(f"{r['codec']}, shards loader: {r['worker_mib']:,.0f} MiB private memory per worker after the "
                       "run (Private_Dirty: written since the fork, no longer shared)")

@@ -3,7 +3,10 @@ one dir per split.
 
 How a build runs (per split):
 1. survey every file (stat, and the header when segmenting or sizing shards in MB) and plan the shards
-   (plan.py): which sample goes where is fixed before anything is decoded;
+   (plan.py): which sample goes where is fixed before anything is decoded. By default the samples are dealt
+   in a seeded random order, so that no shard is a run of one class or one source (a folder per class,
+   a manifest sorted by speaker): training reads shards in contiguous runs, and its batches can only be as
+   mixed as the shards are;
 2. each shard not already on disk is written by one worker process: decode, resample, encode, tar under
    a temporary name, rename, then a small record `.build/<shard>.json` (fingerprint, counts, sha256,
    rejections). A shard whose record matches the plan is kept as it is, so running the same command
@@ -34,7 +37,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shards_tools.plan import Entry, ShardPlan, plan_shards, segment_entries, survey
+from shards_tools.plan import Entry, ShardPlan, mixed_order, plan_shards, segment_entries, survey
 from shards_tools.sources import Source, SourceError, builder_label_orders, read_source
 from unfused_dist.artefacts import atomic_write_text
 from unfused_dist.audio.io import CODECS, TARGET_SR, AudioDecodeError, encode_audio, load_file, load_frames, resample
@@ -55,6 +58,8 @@ class Options:
     shard_samples: int = 1000
     shard_mb: float | None = None
     segment_seconds: float | None = None
+    keep_order: bool = False  # False: inputs go to shards in a seeded random order (plan.mixed_order)
+    seed: int = 0
 
 
 @dataclass
@@ -76,16 +81,17 @@ class SplitSummary:
 
 def build(src: str | Path, out: str | Path, *, workers: int | None = None, shard_samples: int = 1000,
           shard_mb: float | None = None, segment_seconds: float | None = None, sample_rate: int = TARGET_SR,
-          codec: str = "flac", labels_from_dirs: bool = False, command: str = "",
-          progress: bool = True) -> list[SplitSummary]:
+          codec: str = "flac", labels_from_dirs: bool = False, keep_order: bool = False, seed: int = 0,
+          command: str = "", progress: bool = True) -> list[SplitSummary]:
     """Build OUT/<split>/ for every split in SRC; returns one summary per split (in source order).
+    Samples go to shards in a random order seeded by `seed` (keep_order: the source's order).
     Raises SourceError when SRC itself is unusable or another build holds OUT/<split>."""
     if codec not in CODECS:
         raise SourceError(f"codec {codec!r} is not one of {', '.join(CODECS)}")
     source = read_source(src, labels_from_dirs=labels_from_dirs)
     _check_out(Path(out), source.splits())
     source.labels = _kept_label_order(Path(out), source.labels)
-    opts = Options(sample_rate, codec, shard_samples, shard_mb, segment_seconds)
+    opts = Options(sample_rate, codec, shard_samples, shard_mb, segment_seconds, keep_order, seed)
     command = command or f"shards_tools.build.build({str(src)!r})"
     with _Workers(workers or os.cpu_count() or 1) as pool:
         summaries = [_build_split(source, split, Path(out) / split, opts, pool, command, progress)
@@ -143,6 +149,8 @@ def _build_split(source: Source, split: str, directory: Path, opts: Options, poo
             tmp.unlink()
         items = [i for i in source.items if i.split == split]
         entries, rejected = _plan_entries(items, opts, pool)
+        if not opts.keep_order:
+            entries = mixed_order(entries, opts.seed)
         plans = plan_shards(entries, opts.shard_samples, int(opts.shard_mb * 1e6) if opts.shard_mb else None,
                             opts.sample_rate, opts.codec)
         records = {p.name: r for p in plans if (r := _load_record(directory, p)) is not None}
@@ -168,7 +176,8 @@ def _build_split(source: Source, split: str, directory: Path, opts: Options, poo
             labels=source.labels, shards=shards,
             build=BuildInfo(command=command, source=os.path.abspath(source.origin),
                             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            rejected=len(rejected)))
+                            rejected=len(rejected), order="source" if opts.keep_order else "shuffled",
+                            seed=None if opts.keep_order else opts.seed))
         manifest.save(directory)
     return SplitSummary(split, directory, manifest.num_samples, manifest.total_seconds, len(shards),
                         len(plans) - len(todo), len(rejected), sum(r["size"] for r in records))

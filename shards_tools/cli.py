@@ -4,8 +4,8 @@ Exit codes:
   build   0 all inputs built; 3 built, but some inputs were rejected (see OUT/rejected.jsonl);
           2 the source itself is unusable (missing, no path column, ...) or another build holds OUT;
           130 interrupted: the same command again writes only the shards still missing
-  verify  0 every split matches its manifest; 1 a mismatch (one line per bad split, naming the shard);
-          2 no dataset found
+  verify  0 every split matches its manifest (a split sorted by label is a warning); 1 a mismatch (one
+          line per bad split, naming the shard); 2 no dataset found
   stats   0; 2 no dataset found or an unreadable shard
   merge   0 merged; 2 bad input (no dataset, different sample rate/codec, a key in two inputs,
           OUT already holds a dataset without --overwrite)
@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="cut longer recordings into segments of this length (the tail joins the last segment "
                         "when under half a segment)")
     b.add_argument("--labels-from-dirs", action="store_true", help="folder source: label = parent folder name")
+    b.add_argument("--keep-order", action="store_true",
+                   help="deal samples to shards in the source's order (default: a seeded random order, so that no "
+                        "shard is a run of one class or source; training batches are only as mixed as the shards)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the random shard order (default 0)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
 
     v = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
@@ -81,7 +85,8 @@ def _build(args: argparse.Namespace, argv: list[str]) -> int:
     summaries = build(args.src, args.out, workers=args.workers, shard_samples=args.shard_samples,
                       shard_mb=args.shard_mb, segment_seconds=args.segment_seconds, sample_rate=args.sample_rate,
                       codec=args.codec,
-                      labels_from_dirs=args.labels_from_dirs, command=_recorded(argv, args.src, args.out),
+                      labels_from_dirs=args.labels_from_dirs, keep_order=args.keep_order, seed=args.seed,
+                      command=_recorded(argv, args.src, args.out),
                       progress=not args.quiet)
     for s in summaries:
         print(s.line())
@@ -105,6 +110,9 @@ def _verify(args: argparse.Namespace) -> int:
     reports, errors = verify(args.out)
     for r in reports:
         print(r.line())
+    for r in reports:
+        for w in r.warnings:
+            print(f"{r.split}: WARNING {w}", file=sys.stderr)
     for e in errors:
         print(e, file=sys.stderr)
     return EXIT_MISMATCH if errors else EXIT_OK

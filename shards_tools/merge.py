@@ -220,6 +220,7 @@ def _write_split(split: str, group: list[InputSplit], directory: Path, labels: l
             source=sources,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 - UTC alias is 3.11+
             rejected=sum(p.manifest.build.rejected for p in group),
+            order="merged",
         ),
     )
     manifest.save(directory)  # last: its presence marks the split complete

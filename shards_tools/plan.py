@@ -79,6 +79,16 @@ def segment_entries(order: int, item: SourceItem, info: Survey, segment_seconds:
             for i, (a, b) in enumerate(zip(starts, stops))]
 
 
+def mixed_order(entries: list[Entry], seed: int) -> list[Entry]:
+    """The entries in a seeded random order: sorted by a hash of (seed, key). Shards cut from it are each a
+    random sample of the split, whatever the source's order (a folder per class, a manifest sorted by
+    speaker, the segments of one long recording), at any corpus size. It depends only on the keys and the
+    seed, so a build is reproducible, and the same source listed in another order gives the same shards."""
+    def rank(e: Entry) -> bytes:
+        return hashlib.blake2b(f"{seed}:{e.key}".encode(), digest_size=8).digest()
+    return sorted(entries, key=rank)
+
+
 @dataclass(frozen=True)
 class ShardPlan:
     name: str

@@ -1,5 +1,6 @@
 """Per-split statistics read from the shards' JSON members (audio is not decoded): clips, hours, a
-duration histogram, label counts and the sample rates the audio came from."""
+duration histogram, label counts, the sample rates the audio came from, and how mixed the shards are
+(distinct labels and source folders per shard against a random order: mixing.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shards_tools.mixing import Mix, add_sample, split_mixes
 from shards_tools.verify import iter_samples, parse_meta
 from unfused_dist.data.manifest import DatasetManifest, find_split_dirs
 
@@ -25,6 +27,11 @@ class SplitStats:
     labels: Counter = field(default_factory=Counter)
     durations: Counter = field(default_factory=Counter)  # bin index -> clips
     origin_rates: Counter = field(default_factory=Counter)  # source sample rate -> clips
+    mixes: list[Mix] = field(default_factory=split_mixes)  # labels and source folders per shard
+
+    def new_shard(self) -> None:
+        for mix in self.mixes:
+            mix.new_shard()
 
     def add(self, meta: dict) -> None:
         dur = float(meta["duration"])
@@ -36,6 +43,7 @@ class SplitStats:
             self.origin_rates[int(meta["orig_sample_rate"])] += 1
         if meta.get("label") is not None:
             self.labels[meta["label"]] += 1
+        add_sample(self.mixes, meta)
 
     def lines(self) -> list[str]:
         mean = self.seconds / self.clips if self.clips else 0.0
@@ -53,6 +61,7 @@ class SplitStats:
         if self.labels:
             out.append(f"  {len(self.labels)} labels: "
                        + ", ".join(f"{lab} {n}" for lab, n in sorted(self.labels.items())))
+        out += [f"  {mix.line()}" for mix in self.mixes if mix.informative()]
         return out
 
 
@@ -61,6 +70,7 @@ def split_stats(directory: str | Path) -> SplitStats:
     manifest = DatasetManifest.load(directory)
     st = SplitStats(manifest.split)
     for path in manifest.shard_paths(directory):
+        st.new_shard()
         for key, group in iter_samples(path, (manifest.codec, "json")):
             st.add(parse_meta(path.name, key, group["json"]))
     return st

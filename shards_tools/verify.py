@@ -5,7 +5,9 @@ Shard contents are only ever parsed as the manifest's codec (FLAC or WAV) or JSO
 member. The manifest itself is checked too: its split is its folder's name, its totals are its shards'
 sums, its labels are in the builder's order (the order is what gives each label its class id). Label
 shards (SPLIT/labels/<run>/) are checked for the same keys in the same order, one per audio shard.
-A folder that holds shards but no manifest.json is an incomplete split, and an error.
+A folder that holds shards but no manifest.json is an incomplete split, and an error. A split whose shards
+are sorted by label or source folder (mixing.py) gets a warning, not an error: it is sound, but training
+batches drawn from it mix poorly.
 
 Every error says what repairs it. A damaged shard is repaired by deleting it and re-running the command
 that built the split: a build re-run rewrites only shards that are missing (one whose size is unchanged
@@ -19,11 +21,12 @@ import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import zip_longest
 from pathlib import Path
 
 from shards_tools.build import RECORDS_DIR
+from shards_tools.mixing import Mix, add_sample, split_mixes
 from shards_tools.sources import builder_label_orders
 from unfused_dist.audio.io import AudioDecodeError, decode_audio
 from unfused_dist.data.loader import label_shard_name
@@ -47,6 +50,7 @@ class SplitReport:
     clips: int
     seconds: float
     shards: int
+    warnings: list[str] = field(default_factory=list)  # sound, but worth a rebuild (shards sorted by label)
 
     def line(self) -> str:
         return (f"{self.split}: OK {self.clips} clips, {self.seconds / 3600:.3f} h, "
@@ -58,6 +62,9 @@ def repair_hint(manifest: DatasetManifest | None, delete: list[Path] | tuple[Pat
     its manifest). A build re-run redoes only missing shards, so a damaged one must be deleted first; a
     merge re-run (--overwrite) copies every shard again from its inputs."""
     command = manifest.build.command if manifest is not None else ""
+    if (command.startswith("unfused-shards build") and manifest.build.order == "source"
+            and "--keep-order" not in command.split()):
+        command += " --keep-order"  # built in the source's order: without it the re-run would rewrite every shard
     first = f"delete {' '.join(str(p) for p in delete)} and " if delete else ""
     if command.startswith(("unfused-shards merge", "shards_tools.merge")):
         return f"{first}re-run the merge that wrote this split with --overwrite (`{command}`)"
@@ -140,7 +147,8 @@ def _check_manifest(directory: Path, manifest: DatasetManifest) -> None:
                           f"ids differ from the build's; {rewrite}")
 
 
-def _check_shard(directory: Path, info: ShardInfo, manifest: DatasetManifest, seen: set[str]) -> float:
+def _check_shard(directory: Path, info: ShardInfo, manifest: DatasetManifest, seen: set[str],
+                 mixes: list[Mix]) -> float:
     path = directory / info.name
     if not path.is_file():
         raise VerifyError(f"{info.name}: listed in the manifest but missing from {directory}; "
@@ -148,6 +156,8 @@ def _check_shard(directory: Path, info: ShardInfo, manifest: DatasetManifest, se
     fix = repair_hint(manifest, [path])
     count, seconds, first, last = 0, 0.0, None, None
     codec = manifest.codec
+    for mix in mixes:
+        mix.new_shard()
     for key, group in iter_samples(path, (codec, "json"), fix):
         if key in seen:
             raise VerifyError(f"{info.name}: key {key!r} appears twice in the split; {fix}")
@@ -169,6 +179,7 @@ def _check_shard(directory: Path, info: ShardInfo, manifest: DatasetManifest, se
         if abs(float(meta.get("duration", -1)) - dur) > _SECONDS_TOL:
             raise VerifyError(f"{info.name}: {key}.json duration {meta.get('duration')} != audio {dur:.6f} s; {fix}")
         _check_label(info.name, key, meta.get("label"), manifest, fix)
+        add_sample(mixes, meta)
         count, seconds, first, last = count + 1, seconds + dur, first or key, key
     if count != info.num_samples:
         raise VerifyError(f"{info.name}: {count} samples, manifest says {info.num_samples}; {fix}")
@@ -207,10 +218,12 @@ def verify_split(directory: str | Path) -> SplitReport:
         raise VerifyError(f"{unlisted[0]}: shard in {directory} is not in the manifest; delete "
                           f"{directory / unlisted[0]} (it is no part of this build)")
     seen: set[str] = set()
-    seconds = sum(_check_shard(directory, info, manifest, seen) for info in manifest.shards)
+    mixes = split_mixes()
+    seconds = sum(_check_shard(directory, info, manifest, seen, mixes) for info in manifest.shards)
     for labels in sorted(p for p in (directory / "labels").glob("*") if p.is_dir()):
         _check_labels(directory, labels, manifest)
-    return SplitReport(manifest.split, directory, len(seen), seconds, len(manifest.shards))
+    warnings = [f"{directory}: {mix.warning()}" for mix in mixes if mix.is_sorted()]
+    return SplitReport(manifest.split, directory, len(seen), seconds, len(manifest.shards), warnings[:1])
 
 
 def _check_labels(directory: Path, labels: Path, manifest: DatasetManifest) -> None:

@@ -86,7 +86,8 @@ def tone_dataset(tmp_path):
     from shards_tools.build import build
 
     csv_path = write_tone_corpus(tmp_path / "src")
-    build(csv_path, tmp_path / "shards", workers=1, shard_samples=3, progress=False)
+    # the source's order: tests name samples by their place in the shards
+    build(csv_path, tmp_path / "shards", workers=1, shard_samples=3, keep_order=True, progress=False)
     return tmp_path / "shards"
 
 
@@ -132,7 +133,8 @@ def corrupt_audio():
 
 
 def build_noise_dataset(root, n: int, shard_samples: int):
-    """n short noise clips (keys c000, c001, ...) built into root/shards/train; returns the split dir."""
+    """n short noise clips (keys c000, c001, ...) built in that order into root/shards/train (tests name
+    samples by their place in the shards); returns the split dir."""
     import numpy as np
     import soundfile as sf
 
@@ -142,5 +144,5 @@ def build_noise_dataset(root, n: int, shard_samples: int):
     for i in range(n):
         sf.write(root / "raw" / f"c{i:03d}.wav", np.random.default_rng(i).uniform(-.3, .3, 1600).astype("float32"),
                  16000)
-    build(root / "raw", root / "shards", workers=1, shard_samples=shard_samples, progress=False)
+    build(root / "raw", root / "shards", workers=1, shard_samples=shard_samples, keep_order=True, progress=False)
     return root / "shards" / "train"

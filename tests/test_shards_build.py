@@ -85,7 +85,7 @@ def _shas(split_dir: Path) -> list[str]:
 
 def test_build_csv_with_splits(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    summaries = build(corpus, out, workers=2, shard_samples=3, progress=False)
+    summaries = build(corpus, out, workers=2, shard_samples=3, keep_order=True, progress=False)
     assert [s.split for s in summaries] == ["train", "val", "test"]
     for split, keys in GOOD_KEYS.items():
         m = DatasetManifest.load(out / split)
@@ -132,7 +132,7 @@ def test_build_csv_with_splits(corpus: Path, tmp_path: Path) -> None:
 def test_shards_read_with_webdataset(corpus: Path, tmp_path: Path) -> None:
     import webdataset as wds
 
-    build(corpus, tmp_path / "out", workers=1, shard_samples=2, progress=False)
+    build(corpus, tmp_path / "out", workers=1, shard_samples=2, keep_order=True, progress=False)
     urls = [str(p) for p in DatasetManifest.load(tmp_path / "out/train").shard_paths(tmp_path / "out/train")]
     samples = list(wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node))
     assert [s["__key__"] for s in samples] == GOOD_KEYS["train"]
@@ -178,7 +178,7 @@ def test_folder_source_labels_from_dirs(tmp_path: Path) -> None:
             (src / name).write_text("not audio")
         else:
             _write(src / name, _tone(16000, 0.2), 16000)
-    (s,) = build(src, tmp_path / "out", workers=1, labels_from_dirs=True, progress=False)
+    (s,) = build(src, tmp_path / "out", workers=1, labels_from_dirs=True, keep_order=True, progress=False)
     m = DatasetManifest.load(tmp_path / "out/train")
     assert (s.clips, s.rejected, m.labels) == (3, 0, ["cat", "dog", "sub"])
     assert _members(tmp_path / "out/train/audio-000000.tar")[::2] == [
@@ -191,7 +191,7 @@ def test_lape_csv_forms(tmp_path: Path) -> None:
     for name in ["p.wav", "q.wav"]:
         _write(audio / name, _tone(8000, 0.2), 8000)
     (tmp_path / "files.csv").write_text(f"files\n{audio / 'p.wav'}\n{audio / 'q.wav'}\n")
-    (s,) = build(tmp_path / "files.csv", tmp_path / "o1", workers=1, progress=False)
+    (s,) = build(tmp_path / "files.csv", tmp_path / "o1", workers=1, keep_order=True, progress=False)
     m = DatasetManifest.load(tmp_path / "o1/train")
     assert (s.clips, m.labels, m.shards[0].first_key) == (2, None, "audio__p")
     (tmp_path / "wl.csv").write_text("wav,label\naudio/p.wav,yes\naudio/q.wav,no\n")
@@ -206,7 +206,7 @@ def test_shard_mb_target_is_planned_from_durations(tmp_path: Path) -> None:
     for i, sec in enumerate([1, 1, 1, 1, 4, 1]):
         noise = np.random.default_rng(i).uniform(-0.5, 0.5, 16000 * sec).astype(np.float32)
         _write(src / f"n{i}.wav", noise, 16000)
-    build(src, tmp_path / "out", workers=1, shard_mb=0.045, progress=False)
+    build(src, tmp_path / "out", workers=1, shard_mb=0.045, keep_order=True, progress=False)
     m = DatasetManifest.load(tmp_path / "out/train")
     assert [s.num_samples for s in m.shards] == [2, 2, 1, 1] and m.num_samples == 6
 

@@ -125,14 +125,14 @@ def test_a_build_run_again_writes_only_missing_or_changed_shards(tmp_path: Path)
     src = tmp_path / "raw"
     _good_corpus(src, 12)
     out = tmp_path / "out"
-    first = build(src, out, workers=2, shard_samples=3, progress=False)[0]
+    first = build(src, out, workers=2, shard_samples=3, keep_order=True, progress=False)[0]  # shards by position
     split = out / "train"
     shas = [s.sha256 for s in DatasetManifest.load(split).shards]
     before = _records_mtimes(split)
 
     (split / "audio-000002.tar").unlink()  # lost
     sf.write(src / "g010.wav", _noise(0.5, 22050, 99), 22050)  # changed: its shard (3) must be redone
-    again = build(src, out, workers=2, shard_samples=3, progress=False)[0]
+    again = build(src, out, workers=2, shard_samples=3, keep_order=True, progress=False)[0]
     after = _records_mtimes(split)
     assert (first.reused, again.reused) == (0, 2)
     assert {n for n in after if after[n] != before.get(n)} == {"audio-000002.tar", "audio-000003.tar"}

@@ -12,12 +12,16 @@ from 0.86-1.05 to 1.01-1.17 of a per-file DataLoader (benchmarks/RESULTS.md).
 
 The pool is per worker process and learns of a new iteration from the dataset (`new_iteration()`, called
 by ShardStream.__iter__): then the DataLoader has dropped the last iteration's unconsumed batches, and the
-training process has forgotten the buffers it was sent."""
+training process has forgotten the buffers it was sent.
+
+A loader may also mix rows among consecutive batches (`PooledLoader.mixing`, which the training loader uses
+to mix each round of its workers' batches): the rows are gathered out of the buffers in the same single copy."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from itertools import islice
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -105,8 +109,24 @@ class BatchPool:
         return pooled
 
 
+@dataclass
+class Mixing:
+    """Rows mixed among each round of `size` consecutive batches: row q of a round's output (batch q // b, row
+    q % b, for batches of b rows) is row `order(r)[q]` of the round's input batches laid end to end, r counting
+    rounds from `first_round`. The first `skip` output batches are dropped (a resume inside a round)."""
+    size: int
+    order: Callable[[int], np.ndarray]
+    first_round: int = 0
+    skip: int = 0
+
+
 class PooledLoader(DataLoader):
-    """A DataLoader (collate_fn=collate) that copies pooled batch columns out of the workers' buffers."""
+    """A DataLoader (collate_fn=collate) that copies pooled batch columns out of the workers' buffers, and
+    mixes rows among consecutive batches when `mixing()` says so."""
+
+    def mixing(self) -> Mixing | None:
+        """How this iteration mixes rows among its batches (None: it does not). Read when iteration starts."""
+        return None
 
     def __iter__(self):
         batches = super().__iter__()
@@ -116,13 +136,56 @@ class PooledLoader(DataLoader):
         # persistent-worker DataLoader has one iterator that an older generator would read from too
         self._buffers: dict[tuple[int, int], np.ndarray] = {}
         self._busy: dict[int, np.ndarray] = {}
-        return self._copied_out(batches)
+        mixing = self.mixing()
+        return self._copied_out(batches) if mixing is None else self._mixed_out(batches, mixing)
 
     def _copied_out(self, batches: Iterator[tuple]) -> Iterator[tuple]:
         for batch in batches:
             yield tuple(self._take(col) if isinstance(col, Pooled) else col for col in batch)
 
+    def _mixed_out(self, batches: Iterator[tuple], mixing: Mixing) -> Iterator[tuple]:
+        skip, r = mixing.skip, mixing.first_round
+        while round_ := list(islice(batches, mixing.size)):
+            order = mixing.order(r)
+            columns = [self._mix_column(pieces, order) for pieces in zip(*round_)]
+            for batch in list(zip(*columns))[skip:]:
+                yield batch
+            skip, r = 0, r + 1
+
+    def _mix_column(self, pieces: tuple, order: np.ndarray) -> list:
+        """One column of a round: its output batches, each row gathered straight from the input it comes from."""
+        if isinstance(pieces[0], list):  # strings (keys): plain Python
+            flat = [x for piece in pieces for x in piece]
+            rows = [flat[i] for i in order]
+            n = len(pieces[0])
+            return [rows[k * n:(k + 1) * n] for k in range(len(pieces))]
+        arrays = [self._view(p) if isinstance(p, Pooled) else p.numpy() for p in pieces]
+        n = len(arrays[0])
+        if any(a.shape != arrays[0].shape or a.dtype != arrays[0].dtype for a in arrays):
+            raise ValueError(f"batches to mix differ in shape or type: {[(a.shape, a.dtype) for a in arrays]}")
+        source, row = np.divmod(order, n)
+        out = []
+        for k in range(len(arrays)):
+            batch = np.empty_like(arrays[0])
+            src, rows = source[k * n:(k + 1) * n], row[k * n:(k + 1) * n]
+            for j, a in enumerate(arrays):
+                here = np.flatnonzero(src == j)
+                batch[here] = a[rows[here]]
+            out.append(torch.from_numpy(batch))
+        for p in pieces:
+            if isinstance(p, Pooled):
+                self._release(p)
+        return out
+
     def _take(self, col: Pooled) -> torch.Tensor:
+        # numpy copies in this thread; torch's clone would wake its thread pool, which then spins on the
+        # cores the workers need
+        batch = torch.from_numpy(self._view(col).copy())
+        self._release(col)
+        return batch
+
+    def _view(self, col: Pooled) -> np.ndarray:
+        """The worker's buffer holding the column: valid until _release."""
         if col.busy is not None:
             self._busy[col.pid] = col.busy.numpy()
         if col.buffer is not None:
@@ -131,8 +194,7 @@ class PooledLoader(DataLoader):
         if buffer is None:
             raise RuntimeError(f"worker {col.pid} named its buffer {col.slot} without sending it this iteration: "
                                "its dataset must call batchpool.new_iteration() when each iteration starts")
-        # numpy copies in this thread; torch's clone would wake its thread pool, which then spins on the
-        # cores the workers need
-        batch = torch.from_numpy(buffer.copy())
+        return buffer
+
+    def _release(self, col: Pooled) -> None:
         self._busy[col.pid][col.slot] = 0  # copied out: the worker may refill it
-        return batch

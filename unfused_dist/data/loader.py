@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..engine.preemption import ignore_in_workers
-from .batchpool import PooledLoader, collate, new_iteration
+from .batchpool import Mixing, PooledLoader, collate, new_iteration
 from .manifest import DatasetManifest
 from .shards import LabelAlignmentError, RawSample, ShardError, ShardUnavailable, iter_shard, iter_shard_with_labels
 
@@ -106,6 +106,12 @@ def assign_shards(n_shards: int, seed: int, epoch: int, world: int, lanes: int,
 
 class LoaderStateError(ValueError):
     pass
+
+
+# The rules that put samples in batches; part of the layout, so a checkpoint written under other rules is
+# refused instead of resumed onto other samples. 2 (issue 18): the shuffle buffer fills before it yields,
+# and the rows of each round of batches are mixed across the workers.
+ORDER_VERSION = 2
 
 
 @dataclass
@@ -219,7 +225,7 @@ class ShardStream(IterableDataset):
         return {**subset, "world": self.world, "workers": self.workers, "batch_size": self.batch_size,
                 "seed": self.seed, "shards": len(self.source.counts), "samples": sum(self.source.counts), "shard_sizes": sizes,
                 "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer if self.shuffle else None,
-                "resampled": self.resampled}
+                "resampled": self.resampled, "order_version": ORDER_VERSION}
 
     def state_dict(self) -> dict:
         return {**self.layout(), "epoch": self.epoch, "batches_done": self.batches_done}
@@ -259,14 +265,15 @@ class ShardStream(IterableDataset):
         new_iteration()
         self.epoch, self.batches_done = self._shared_position[:]  # in a worker: what set_position wrote last
         self.bad_count = 0
-        # The DataLoader's round robin restarts at worker 0, but after n batches the next one is lane
-        # n % lanes's: rotate the worker -> lane map so the interleaving continues where it stopped.
-        lane = ((info.id if info else 0) + self.batches_done) % self.lanes
+        lane = info.id if info else 0
         if self.batch_size is None:
             yield from self._evaluation(lane)
             return
         quota = self.batches_per_lane() * self.batch_size
-        mine = self.batches_done // self.lanes + (lane < self.batches_done % self.lanes)
+        # Batch n is lane n % lanes's. The loader mixes each round of `lanes` batches (one per lane, see
+        # TrainingLoader), so a position inside a round restarts every lane at the round's start, and the
+        # loader drops the round's batches already consumed.
+        mine = self.batches_done // self.lanes
 
         def samples() -> Iterator[RawSample]:
             raw = self._resampled(lane) if self.resampled else self._range(lane, quota)
@@ -461,18 +468,18 @@ class PositionRng:
         return self._generator
 
 
-def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator, initial: int = 64) -> Iterator:
-    """Shuffle through a buffer of up to `size` items. It starts yielding once it holds `initial` items and
-    then takes in two items per item out until full, so the first batch does not wait for the whole buffer
-    (with a buffer as large as a worker's share, that wait was a sixth of a short epoch)."""
+def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Shuffle through a buffer of `size` items: it fills before the first item goes out, then each item in
+    sends a random one out. A buffer that yields before it is full draws the first batches of every epoch from
+    the first few items of a worker's range: on a dataset sorted by label, a few classes (issue 18: yielding
+    after 64 items cost fine-tuning on the demo two thirds of its accuracy). Filling costs reading, not
+    decoding: the buffer holds the members' bytes (benchmarks/loader.py prints the wait for the first batch)."""
     items, draws = iter(items), _draws(rng)
-    buf = []
+    buf = list(islice(items, size))
     for item in items:
-        buf.append(item)
-        if len(buf) < size:
-            buf.extend(islice(items, 1))
-        if len(buf) >= min(initial, size):
-            yield _pop(buf, next(draws))
+        i = next(draws) % len(buf)  # modulo bias: len(buf) / 2**62, none in practice
+        buf[i], item = item, buf[i]
+        yield item
     while buf:
         yield _pop(buf, next(draws))
 
@@ -491,9 +498,29 @@ def _pop(buf: list, draw: int):
     return buf.pop()
 
 
+class TrainingLoader(PooledLoader):
+    """A training stream's loader. Each DataLoader worker reads its own contiguous range of the shards, so
+    one worker's batches come from part of the data only (on a dataset sorted by label, from part of the
+    classes). The loader therefore mixes the rows of each round of `lanes` consecutive batches (one from every
+    worker) with a permutation seeded by (seed, epoch, rank, round): every batch draws from every worker's
+    range, as a uniform sample of the rank's data would. Deterministic, so a resume yields what an
+    uninterrupted run yields; a resume inside a round decodes that round's first batches again."""
+
+    def mixing(self) -> Mixing | None:
+        stream: ShardStream = self.dataset
+        if stream.lanes == 1:
+            return None
+        rows = stream.lanes * stream.batch_size
+        key = (stream.seed, stream.epoch, stream.rank)
+
+        def order(round_: int) -> np.ndarray:
+            return np.random.default_rng([*key, round_, 2]).permutation(rows)
+        return Mixing(stream.lanes, order, stream.batches_done // stream.lanes, stream.batches_done % stream.lanes)
+
+
 def make_loader(stream: ShardStream, batch_size: int | None = None) -> DataLoader:
-    """Training streams batch with their own batch size (full batches only); evaluation streams keep
-    the last partial batch.
+    """Training streams batch with their own batch size (full batches only), mixed across workers
+    (TrainingLoader); evaluation streams keep the last partial batch.
 
     A training loader is made once and iterated once per epoch, `stream.set_position` before each: its
     workers persist (starting them costs ~0.1 s each, a tenth of a short epoch on small machines) and each
@@ -501,14 +528,15 @@ def make_loader(stream: ShardStream, batch_size: int | None = None) -> DataLoade
     training = stream.batch_size is not None
     if stream.workers:
         _check_picklable(stream.transform)
-    return PooledLoader(stream, batch_size=stream.batch_size if training else batch_size,
-                        num_workers=stream.workers, drop_last=training,
-                        persistent_workers=training and stream.workers > 0,
-                        collate_fn=collate, worker_init_fn=_WorkerInit(os.getpid()),
-                        multiprocessing_context=WORKER_CONTEXT if stream.workers else None,
-                        # its own generator: a DataLoader otherwise draws its workers' seed from torch's global
-                        # RNG, and a resume (which starts a new DataLoader mid-epoch) would shift that stream
-                        generator=torch.Generator().manual_seed(stream.seed))
+    return (TrainingLoader if training else PooledLoader)(
+        stream, batch_size=stream.batch_size if training else batch_size,
+        num_workers=stream.workers, drop_last=training,
+        persistent_workers=training and stream.workers > 0,
+        collate_fn=collate, worker_init_fn=_WorkerInit(os.getpid()),
+        multiprocessing_context=WORKER_CONTEXT if stream.workers else None,
+        # its own generator: a DataLoader otherwise draws its workers' seed from torch's global
+        # RNG, and a resume (which starts a new DataLoader mid-epoch) would shift that stream
+        generator=torch.Generator().manual_seed(stream.seed))
 
 
 def _check_picklable(transform: Callable) -> None:

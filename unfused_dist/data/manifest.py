@@ -48,6 +48,10 @@ class BuildInfo:
     source: str
     created: str  # ISO 8601, UTC
     rejected: int = 0
+    # How samples were dealt to shards: "shuffled" (seeded random order, `seed`), "source" (the source's
+    # order: `--keep-order`, and every build before the field existed) or "merged" (each input's shards kept)
+    order: str = "source"
+    seed: int | None = None
 
 
 @dataclass

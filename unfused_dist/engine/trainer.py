@@ -220,8 +220,7 @@ class Trainer:
         if path is None:
             raise ResumeError(f"{where}: DeepSpeed could not load this checkpoint; move it away to use an older one")
         if state.get("data_layout") != self.data_layout:
-            raise ResumeError(f"{where}: data layout {state.get('data_layout')} differs from now "
-                              f"({self.data_layout}); resume with the same data.num_workers, batch size and shards")
+            raise ResumeError(f"{where}: {_layout_change(state.get('data_layout'), self.data_layout)}")
         p = self.progress
         p.epoch, p.step_in_epoch, p.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         p.history = state["history"]
@@ -268,6 +267,19 @@ class Trainer:
                   f"processes: restarting epoch {p.epoch} at step {p.global_step}", flush=True)
         barrier()
         self._saved_step = p.global_step  # the retagged checkpoint's step
+
+
+def _layout_change(saved: dict | None, now: dict | None) -> str:
+    """Why a checkpoint's data layout cannot be resumed, naming what changed."""
+    saved, now = saved or {}, now or {}
+    changed = ", ".join(f"{k} {saved.get(k)} -> {now.get(k)}" for k in sorted(saved.keys() | now.keys())
+                        if saved.get(k) != now.get(k))
+    if saved.get("order_version") != now.get("order_version"):
+        return (f"the data layout changed since this checkpoint ({changed}): it was written under other rules for "
+                "putting samples in batches (an earlier version), so its position cannot be resumed exactly; move "
+                "the stage's ckpt/ away to train it afresh")
+    return (f"the data layout changed since this checkpoint ({changed}); resume with the same data.num_workers, "
+            "batch size, shuffle settings and shards")
 
 
 def _finite_or_none(v) -> float | None:
