@@ -13,6 +13,7 @@ from unfused_dist.data.manifest import DatasetManifest
 from unfused_dist.data.shards import iter_shard
 
 ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = Path(__file__).with_name("ci_reference.json")
 pytestmark = pytest.mark.slow
 
 
@@ -56,18 +57,24 @@ def test_label_shards_align_with_audio_shards(ci_run):
         assert all(0 <= s.cls() < cfg.pseudolabel.k for s in label_samples)
 
 
-def test_accuracy_is_far_above_chance(ci_run):
-    """A broken model (no learning, shuffled labels, misaligned pseudo-labels) sits at chance."""
+def test_every_rows_accuracy_is_in_its_reference_band(ci_run):
+    """Each row's accuracy, and the simple baseline's, against a known-good run's (tests/ci_reference.json):
+    the band around each is set from the run-to-run spread measured over several runs (benchmarks/RESULTS.md),
+    so a model that learns worse (shuffled labels, badly mixed batches, misaligned pseudo-labels) leaves its
+    band, and so does one that suddenly learns better. Updating the reference is a deliberate commit that says
+    why the numbers moved."""
     run_dir, _ = ci_run
     results = json.loads((run_dir / "results.json").read_text())
-    chance = results["chance"]
-    by_row = {r["row"]: r for r in results["rows"]}
-    assert by_row["teacher_probe"]["test_acc"] > 2.5 * chance
-    assert by_row["unfused_probe"]["test_acc"] > 2.5 * chance
-    # 30 test clips, 5 classes: a model at chance reaches 2x chance with probability ~0.3%.
-    assert max(by_row[r]["test_acc"] for r in ("scratch", "teacher_finetune", "unfused_finetune")) > 2 * chance
-    assert results["baseline"]["test_acc"] > 2 * chance
-    assert results["pseudolabels"]["nmi_vs_true_labels"] > 0.05
+    reference = json.loads(REFERENCE.read_text())
+    got = {r["row"]: r for r in results["rows"]} | {"baseline": results["baseline"]}
+    outside = [f"{row} {split}: {got[row][split]:.3f} outside [{lo:.3f}, {hi:.3f}]"
+               for row, bands in reference["bands"].items() for split, (lo, hi) in bands.items()
+               if not lo <= got[row][split] <= hi]
+    assert not outside, ("; ".join(outside) + f" (bands: {REFERENCE.name}; if the change is meant to move them, "
+                         "measure the spread again and update the reference, saying why)")
+    for row in reference["above_baseline"]:  # fine-tuned rows that the ci task lets beat log-mel statistics
+        assert got[row]["test_acc"] > results["baseline"]["test_acc"], (row, got[row], results["baseline"])
+    assert results["pseudolabels"]["nmi_vs_true_labels"] > reference["min_nmi"]
     distill = json.loads((run_dir / "distill" / "history.json").read_text())
     first, last = distill[:4], distill[-4:]
     assert sum(h["loss"] for h in last) < sum(h["loss"] for h in first)  # the student learns the pseudo-labels
