@@ -6,13 +6,18 @@ setup(
     description="UnFuSeD (unsupervised fine-tuning by self-distillation) for audio encoders at distributed scale",
     packages=find_packages(include=["unfused_dist*", "launchers*", "shards_tools*"]),
     python_requires=">=3.10",
+    # Tested: torch 2.13 (CPU) and 2.11 (CUDA), torchaudio 2.11 (its pure-PyTorch transforms only), DeepSpeed
+    # 0.19 (the engine reads its ZeRO checkpoint layout and engine internals: other minors are untested).
     install_requires=[
-        "torch>=2.2", "deepspeed>=0.14", "webdataset>=0.2.90", "numpy", "soundfile", "soxr",
+        "torch>=2.4", "deepspeed>=0.19,<0.20", "webdataset>=0.2.90", "numpy", "soundfile", "soxr",
         "pyyaml", "tqdm", "matplotlib", "safetensors", "scikit-learn", "prometheus-client",
-        "torchaudio", "faiss-cpu",
+        "torchaudio>=2.4,<2.12",
     ],
+    # faiss comes in one of two builds that install the same `faiss` package, so neither is a base
+    # requirement: `.[cpu]` or `.[gpu]` (CUDA 12). Without either, the pseudolabel stage says which to install.
     extras_require={
-        "gpu": ["faiss-gpu-cu12"],
+        "cpu": ["faiss-cpu>=1.8"],
+        "gpu": ["faiss-gpu-cu12>=1.8"],
         "slurm": ["submitit>=1.5"],
         "dev": ["pytest", "pytest-timeout", "tinysoundfont"],
     },

@@ -20,26 +20,46 @@ from torch import nn
 from unfused_dist.config import EngineConfig, OptimConfig
 from unfused_dist.data.loader import ShardSource, ShardStream, make_loader
 from unfused_dist.engine.export import full_state_dict
+from unfused_dist.engine.module import TrainModule
 from unfused_dist.engine.trainer import Trainer, write_history
 
 torch.set_num_threads(1)
 
 
-class Net(nn.Module):
+class Net(TrainModule):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 4))
 
     def forward(self, x, y):
-        x = x + 0.01 * torch.randn(x.shape)  # torch's global RNG: a resume must restore it
+        x = x + 0.01 * torch.randn(x.shape).to(x.device)  # torch's global RNG: a resume must restore it
         return F.cross_entropy(self.net(x), y), {}
 
 
 def transform(sample, rng: np.random.Generator):
+    wave, label, key = crop(sample, rng)
+    return wave.reshape(24, 64).mean(0), label, key
+
+
+def crop(sample, rng: np.random.Generator):
     audio = sample.audio(16000)
     start = int(rng.integers(0, len(audio) - 1536))  # a random crop, seeded by the sample's place
-    return audio[start:start + 1536].reshape(24, 64).mean(0), int(sample.key[1:]) % 4, sample.key
+    return audio[start:start + 1536], int(sample.key[1:]) % 4, sample.key
+
+
+def distill_module() -> TrainModule:
+    """The real distillation module (augmentation generator, mixup memory bank, BatchNorm, shallow heads)
+    around a narrow AudioNTT, learning 4 classes from the raw crops."""
+    from unfused_dist.audio.frontend import FrontendConfig
+    from unfused_dist.config import DistillConfig
+    from unfused_dist.models.encoder import AudioNTT
+    from unfused_dist.stages.common import Features
+    from unfused_dist.stages.distill import DistillModule
+
+    torch.manual_seed(0)
+    return DistillModule(AudioNTT(n_fc=2, d=64, channels=8), Features(FrontendConfig(), -5.0, 3.0), 4,
+                         DistillConfig(), seed=0)
 
 
 def main() -> None:
@@ -60,17 +80,18 @@ def main() -> None:
                         "DeepSpeed wrote its files")
     p.add_argument("--nan-at", type=int, default=-1, help="the last rank's inputs are NaN from this step on")
     p.add_argument("--config-hash", default="job")
+    p.add_argument("--module", choices=("net", "distill"), default="net")
     args = p.parse_args()
     out = Path(args.out)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
-    stream = ShardStream(ShardSource(args.data), transform, seed=3, shuffle=True, rank=rank, world=world,
+    stream = ShardStream(ShardSource(args.data), crop if args.module == "distill" else transform, seed=3, shuffle=True, rank=rank, world=world,
                          workers=2, batch_size=4, shuffle_buffer=8)
     steps = stream.batches_per_epoch()
     engine = EngineConfig(zero_stage=args.zero, save_every_steps=args.save_every, save_every_minutes=0,
                           keep_checkpoints=args.keep, grad_accum=args.grad_accum)
     optim = OptimConfig(name="adamw", lr=0.05, weight_decay=0.01, warmup_steps=3, schedule="cosine")
-    trainer = Trainer(Net(), engine, optim, 4, steps * args.epochs, out / "ckpt", args.config_hash, "job",
+    trainer = Trainer(distill_module() if args.module == "distill" else Net(), engine, optim, 4, steps * args.epochs, out / "ckpt", args.config_hash, "job",
                       reshard=args.reshard)
     log = open(out / f"keys-{args.name}-rank{rank}.jsonl", "a")
     _log_saves(trainer, out / f"saves-{args.name}.txt", rank, args.kill_in_save)

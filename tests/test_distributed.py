@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from unfused_dist.config import EngineConfig, OptimConfig
+from unfused_dist.engine.module import TrainModule
 
 torch.set_num_threads(1)
 
@@ -17,7 +18,7 @@ def _env(rank, world, port):
                       MASTER_PORT=str(port))
 
 
-class Regression(nn.Module):
+class Regression(TrainModule):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)

@@ -73,15 +73,28 @@ def reference(data, tmp_path_factory) -> dict[int, Path]:
     """One uninterrupted run per ZeRO stage (and gradient accumulation), made on first use."""
     runs: dict[tuple, Path] = {}
 
-    def get(zero: int, grad_accum: int = 1) -> Path:
-        if (zero, grad_accum) not in runs:
-            out = tmp_path_factory.mktemp(f"ref{zero}-{grad_accum}")
-            r = _job(data, out, zero=zero, grad_accum=grad_accum)
+    def get(zero: int, grad_accum: int = 1, module: str = "net") -> Path:
+        if (zero, grad_accum, module) not in runs:
+            out = tmp_path_factory.mktemp(f"ref{zero}-{grad_accum}-{module}")
+            r = _job(data, out, zero=zero, grad_accum=grad_accum, module=module)
             assert r.returncode == 0, r.stderr[-3000:]
             assert len(set(_saves(out, "run"))) == len(_saves(out, "run"))  # no step saved twice
-            runs[(zero, grad_accum)] = out
-        return runs[(zero, grad_accum)]
+            runs[(zero, grad_accum, module)] = out
+        return runs[(zero, grad_accum, module)]
     return get
+
+
+def test_distillation_sigkilled_at_a_random_step_resumes_exactly(data, reference, tmp_path):
+    """The real DistillModule: its augmentation generator and mixup memory bank are per-rank state, so
+    weights, losses and keys match an uninterrupted run only when the checkpoint carries them."""
+    kill_at = random.Random("distill").randrange(4, STEPS - 2)
+    r = _job(data, tmp_path, zero=2, module="distill", kill_at=kill_at, name="killed")
+    assert r.returncode != 0 and not (tmp_path / "final.pt").exists()
+    r = _job(data, tmp_path, zero=2, module="distill", name="resumed")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout + r.stderr
+    assert _keys(tmp_path, "resumed", 0)[0]["step"] <= kill_at  # it went back to a checkpoint
+    _assert_same_run(tmp_path, reference(2, module="distill"), ["killed", "resumed"])
 
 
 @pytest.mark.parametrize("zero", [1, 2, 3])

@@ -63,7 +63,8 @@ def test_launch_local_runs_the_pseudolabel_jobs_arrays_included(tmp_path):
 
     split = build_noise_dataset(tmp_path / "data", 24, shard_samples=4)
     cfg = _stage_run(tmp_path, split)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    # a fresh job's environment: earlier tests ran stages in this process, which set the rendezvous variables
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
     r = subprocess.run([sys.executable, "-m", "launchers.cli", "launch", "pseudolabel", "-c", str(cfg), "--cluster",
                         "local", "--resources", "configs/slurm/ci.yaml", "pseudolabel.backend=distributed"],
                        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600)

@@ -44,9 +44,11 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def cmd_run(args) -> None:
+    from .engine.device import choose_device
     from .pipeline import check_inputs, run_pipeline, run_stage
 
     cfg = load_config(args.config, args.overrides)
+    choose_device(cfg.run.device)  # a job given GPUs on a torch without CUDA stops here, before the run dir
     if args.stage == "pipeline":
         check_inputs(cfg)  # before the run dir is created, so a corrected command is not refused
     config_path = prepare_run_dir(cfg)

@@ -33,6 +33,8 @@ class RunConfig:
     dir: str = ""  # empty: runs/<name>
     seed: int = 0
     nproc: int = 1  # processes per training stage when run locally (torchrun on this machine)
+    # auto: cuda:LOCAL_RANK when torch sees CUDA, else the CPU; cuda: refuse to run without one; cpu: stay on it
+    device: str = "auto"
 
     @property
     def path(self) -> Path:
@@ -70,7 +72,9 @@ class OptimConfig:
 @dataclass
 class EngineConfig:
     zero_stage: int = 1  # 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU only)
+    # fp32, or bf16 mixed precision (autocast; weights, optimizer, frontend, losses and BatchNorm in fp32).
+    # fp16 is refused: use bf16 (dsconfig.check says why).
+    precision: str = "fp32"
     offload: str = "none"  # none | cpu: optimizer states (and, at stage 3, parameters) in host memory
     grad_accum: int = 1
     grad_clip: float = 0.0  # 0: off
@@ -182,7 +186,7 @@ class Config:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-RUNTIME_KEYS = ("run.nproc", "engine.save_every_steps", "engine.save_every_minutes", "engine.keep_checkpoints",
+RUNTIME_KEYS = ("run.nproc", "run.device", "engine.save_every_steps", "engine.save_every_minutes", "engine.keep_checkpoints",
                 "metrics.enabled", "metrics.addr", "metrics.port", "metrics.targets_dir")
 DATA_PATH_KEYS = ("data.pool", "data.target")
 
@@ -195,6 +199,7 @@ def normalise_path(path: str) -> str:
 # Keys that take one of a few words, per dataclass (so every OptimConfig section is checked). A list field
 # (finetune.rows) is checked item by item.
 CHOICES: dict[type, dict[str, tuple]] = {
+    RunConfig: {"device": ("auto", "cpu", "cuda")},
     DataConfig: {"bad_samples": ("skip", "fail")},
     OptimConfig: {"name": ("sgd", "adam", "adamw"), "schedule": ("cosine", "constant")},
     EngineConfig: {"zero_stage": (0, 1, 2, 3), "precision": ("fp32", "bf16", "fp16"), "offload": ("none", "cpu")},

@@ -43,9 +43,10 @@ def run_stage(cfg: Config, name: str, reshard: bool = False) -> None:
     if name not in runners:
         raise UnfusedError(f"unknown stage '{name}'; stages: {', '.join(runners)}, or 'pipeline'")
     TRAINER_OPTIONS.reshard = reshard
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from .engine.distributed import init_distributed
-        init_distributed()  # before any stage code asks is_main(): otherwise every rank would think it is rank 0
+    from .engine.distributed import init_distributed
+    # The rank's device is chosen here, once, before any collective and before any stage code asks is_main()
+    # (otherwise every rank would think it is rank 0).
+    init_distributed(cfg.run.device)
     try:
         runners[name](cfg)
     except Preempted as stop:

@@ -1,4 +1,7 @@
-"""Spectrogram augmentations of BYOL-A used by SSL pre-training and distillation (METHOD.md)."""
+"""Spectrogram augmentations of BYOL-A used by SSL pre-training and distillation (METHOD.md).
+
+Draws come from one CPU generator (the same numbers on every device, cheap to checkpoint) and are moved to
+the spectrogram's device; the memory bank lives on that device."""
 from __future__ import annotations
 
 import math
@@ -18,9 +21,9 @@ class LogMixupExp:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         if self.bank is not None and len(self.bank) > 0:
-            idx = torch.randint(len(self.bank), (b,), generator=self.gen)
+            idx = torch.randint(len(self.bank), (b,), generator=self.gen).to(self.bank.device)
             z = self.bank[idx]
-            a = self.ratio * torch.rand(b, 1, 1, 1, generator=self.gen)
+            a = (self.ratio * torch.rand(b, 1, 1, 1, generator=self.gen)).to(x.device, x.dtype)
             mixed = ((1 - a) * x.exp() + a * z.exp()).log()
         else:
             mixed = x
@@ -48,3 +51,25 @@ def random_resize_crop(x: torch.Tensor, generator: torch.Generator | None = None
         crop = canvas[i:i + 1, :, i0:i0 + h, j0:j0 + w]
         out[i:i + 1] = F.interpolate(crop, size=(f, t), mode="bicubic", align_corners=True)
     return out
+
+
+class Augmenter:
+    """One rank's augmentation of a log-mel batch: log-mixup-exp, then a random resize crop, both drawn from
+    this object's own generator; `state()` / `load_state()` carry the generator and the mixup bank through
+    a checkpoint, so a resumed run augments exactly as an uninterrupted one."""
+
+    def __init__(self, mixup_ratio: float, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.mixup = LogMixupExp(mixup_ratio, generator=self.gen)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return random_resize_crop(self.mixup(x), generator=self.gen)
+
+    def state(self) -> dict:
+        bank = self.mixup.bank
+        return {"gen": self.gen.get_state(), "bank": bank.cpu() if bank is not None else torch.empty(0)}
+
+    def load_state(self, state: dict, device: torch.device) -> None:
+        self.gen.set_state(state["gen"])
+        bank = state["bank"]
+        self.mixup.bank = bank.to(device) if bank.numel() else None

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..engine.device import rank_device
 from ..errors import UnfusedError
 
 BACKENDS = ("cpu", "gpu", "distributed")
@@ -40,9 +41,20 @@ class KMeansResult:
 
 # ---- nearest-centroid search ----------------------------------------------------------------------
 
+def import_faiss():
+    """The installed faiss build (faiss-cpu or faiss-gpu-cu12: both install `faiss`), or a one-line error."""
+    try:
+        import faiss
+    except ImportError:
+        raise UnfusedError("faiss is not installed: pip install -e '.[cpu]' (faiss-cpu), or '.[gpu]' "
+                           "(faiss-gpu-cu12, CUDA 12) on GPU nodes; pseudolabel.backend=gpu also runs without "
+                           "it, on torch") from None
+    return faiss
+
+
 def faiss_search(x: np.ndarray, centroids: np.ndarray, gpus: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(ids int64, squared distances float32) of each row's nearest centroid. gpus: 0 = CPU, -1 = all."""
-    import faiss
+    faiss = import_faiss()
 
     index = faiss.IndexFlatL2(centroids.shape[1])
     if gpus:
@@ -62,7 +74,15 @@ def faiss_search(x: np.ndarray, centroids: np.ndarray, gpus: int = 0) -> tuple[n
     return np.concatenate(ids).astype(np.int64), np.concatenate(dist)
 
 
-def torch_search(x: np.ndarray, centroids: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray]:
+def nearest(xb: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, squared distance) of each row's nearest centroid, as a matrix product on their device."""
+    c_sq = (c * c).sum(1) if c_sq is None else c_sq
+    d = (xb * xb).sum(1, keepdim=True) - 2 * xb @ c.T + c_sq
+    best, idx = d.min(1)
+    return idx, best
+
+
+def torch_search(x: np.ndarray, centroids: np.ndarray, device: torch.device | str) -> tuple[np.ndarray, np.ndarray]:
     """The same search as a matrix product on a torch device (the GPU fallback; also runs on the CPU)."""
     c = torch.as_tensor(centroids, dtype=torch.float32, device=device)
     c_sq = (c * c).sum(1)
@@ -70,8 +90,7 @@ def torch_search(x: np.ndarray, centroids: np.ndarray, device: str) -> tuple[np.
     for start in range(0, len(x), _SEARCH_CHUNK):
         xb = torch.as_tensor(np.ascontiguousarray(x[start:start + _SEARCH_CHUNK]), dtype=torch.float32,
                              device=device)
-        d = (xb * xb).sum(1, keepdim=True) - 2 * xb @ c.T + c_sq
-        best, idx = d.min(1)
+        idx, best = nearest(xb, c, c_sq)
         ids.append(idx.cpu().numpy())
         dist.append(best.clamp_min(0).cpu().numpy())
     if not ids:
@@ -80,24 +99,26 @@ def torch_search(x: np.ndarray, centroids: np.ndarray, device: str) -> tuple[np.
 
 
 def gpu_search_fn(gpus: int) -> tuple[Callable, str]:
-    """FAISS GPU if this faiss build has it, else torch on cuda:0; returns (search, description)."""
-    import faiss
-
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+    """FAISS GPU if this faiss build has it, else torch on this rank's GPU; returns (search, description)."""
+    try:
+        import faiss
+    except ImportError:  # no faiss at all: the torch search needs none
+        faiss = None
+    if faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         n = faiss.get_num_gpus() if gpus <= 0 else min(gpus, faiss.get_num_gpus())
         return (lambda x, c: faiss_search(x, c, gpus=n)), f"faiss-gpu x{n}"
-    if not torch.cuda.is_available():
-        raise RuntimeError("pseudolabel.backend=gpu but neither faiss-gpu nor a CUDA device is available; "
-                           "use backend cpu or distributed")
+    if rank_device().type != "cuda":
+        raise UnfusedError("pseudolabel.backend=gpu but neither faiss-gpu nor a CUDA device (run.device) is "
+                           "available; use backend cpu or distributed")
     print("[kmeans] faiss-gpu is not installed: using the torch GPU implementation (one GPU)", file=sys.stderr)
-    return (lambda x, c: torch_search(x, c, "cuda")), "torch-gpu"
+    return (lambda x, c: torch_search(x, c, rank_device())), "torch-gpu"
 
 
 def search_fn(backend: str, gpus: int = 0) -> tuple[Callable, str]:
     if backend == "gpu":
         return gpu_search_fn(gpus)
-    if backend == "distributed" and torch.cuda.is_available():
-        return (lambda x, c: torch_search(x, c, "cuda")), "distributed (torch-gpu)"
+    if backend == "distributed" and rank_device().type == "cuda":  # each rank searches on its own GPU
+        return (lambda x, c: torch_search(x, c, rank_device())), "distributed (torch-gpu)"
     if backend in ("cpu", "distributed"):
         return faiss_search, "faiss-cpu" if backend == "cpu" else "distributed (faiss-cpu)"
     raise ValueError(f"pseudolabel.backend '{backend}' is not one of {', '.join(BACKENDS)}")

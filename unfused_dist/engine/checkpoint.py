@@ -142,7 +142,7 @@ class Checkpoints:
     def history(self, tag: str) -> list[dict]:
         return json.loads((self.dir / tag / HISTORY).read_text())
 
-    def fp32_weights(self, tag: str, zero_stage: int, precision: str) -> dict[str, torch.Tensor]:
+    def fp32_weights(self, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
         """The module's consolidated fp32 weights, whatever the number of processes that saved them."""
         where = self.dir / tag
         if zero_stage > 0:  # trainable weights from every rank's fp32 partitions; the rest from the module file
@@ -150,10 +150,8 @@ class Checkpoints:
             for path in sorted(where.glob("*.pt")):  # zero_to_fp32 unpickles freely: only data may reach it
                 load_weights_only(path, mmap=True)
             return get_fp32_state_dict_from_zero_checkpoint(str(self.dir), tag=tag)
-        if precision != "fp32":  # stage 0 keeps its fp32 master weights inside its 16-bit optimizer
-            raise ResumeError(f"{where}: a ZeRO stage 0 {precision} checkpoint holds no fp32 weights to reshard; "
-                              "resume it with the processes that saved it, or train at engine.zero_stage >= 1")
-        # stage 0: every rank holds the whole module, saved as is in the model states file
+        # stage 0: every rank holds the whole module, saved as is (in fp32: mixed precision is autocast, so the
+        # module's own weights are the fp32 master weights) in the model states file
         return load_weights_only(where / MODEL_STATES)["module"]
 
     def load_rank_state(self, tag: str, rank: int) -> dict:

@@ -8,9 +8,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .device import backend_for, bind, choose_device, rank_device
 
-def init_distributed() -> tuple[int, int]:
-    """Initialise DeepSpeed's process group from RANK/WORLD_SIZE (1 process when they are absent)."""
+
+def init_distributed(device: str = "auto") -> tuple[int, int]:
+    """Initialise DeepSpeed's process group from RANK/WORLD_SIZE (1 process when they are absent), on this
+    rank's device (`run.device`, see device.py): the first call decides; later calls return rank and world."""
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -18,12 +21,13 @@ def init_distributed() -> tuple[int, int]:
     if "MASTER_PORT" not in os.environ:  # a process group of one (array tasks share nodes): any free port
         os.environ["MASTER_PORT"] = str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
     if not dist.is_initialized():
+        chosen = choose_device(device)
+        bind(chosen)  # before the process group: NCCL binds each rank to the current device
         import deepspeed
-        if not torch.cuda.is_available():
+        if chosen.type == "cpu":
             # On the CPU DeepSpeed JIT-compiles a shared-memory op (~70 s) that gloo does not need.
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   verbose=False)
+        deepspeed.init_distributed(dist_backend=backend_for(chosen), verbose=False)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -70,9 +74,7 @@ def all_reduce_max(flags: list[float]) -> list[float]:
     """Element-wise max over ranks of a few flags (one tiny all-reduce; NCCL reduces GPU tensors only)."""
     if rank_world()[1] == 1:
         return flags
-    t = torch.tensor(flags, dtype=torch.float32)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = torch.tensor(flags, dtype=torch.float32, device=rank_device())  # NCCL reduces GPU tensors only
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.cpu().tolist()
 
@@ -81,9 +83,7 @@ def all_reduce_sum(a: np.ndarray) -> np.ndarray:
     """Element-wise sum over ranks of a float array (float64 on the wire: k-means sums must not drift)."""
     if rank_world()[1] == 1:
         return a
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
-    if dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
-        t = t.cuda()
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(rank_device())  # NCCL: GPU tensors only
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu().numpy()
 

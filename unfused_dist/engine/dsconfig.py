@@ -19,8 +19,10 @@ def deepspeed_config(cfg: EngineConfig, micro_batch: int, world: int) -> dict:
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
+        # DeepSpeed runs in fp32 whatever engine.precision says: bf16 is autocast around the forward
+        # (precision.py), so weights, optimizer, frontend, BatchNorm statistics and the EMA stay fp32.
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,  # our torch optimizers are fine under ZeRO 1-3
         "zero_force_ds_cpu_optimizer": False,  # offload with a torch optimizer (slower than CPUAdam, no build)
         "steps_per_print": 10 ** 9,
@@ -31,9 +33,9 @@ def deepspeed_config(cfg: EngineConfig, micro_batch: int, world: int) -> dict:
 def check(cfg: EngineConfig) -> None:
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"engine.zero_stage is {cfg.zero_stage}; use 0, 1, 2 or 3")
-    if cfg.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("engine.precision=fp16 needs a GPU (loss scaling on the CPU is not supported); "
-                          "use bf16 or fp32 here")
+    if cfg.precision == "fp16":
+        raise ConfigError("engine.precision=fp16 is not supported (it would need loss scaling and an fp32 frontend); "
+                          "use bf16: as fast on A100/H100-class GPUs, with fp32's range")
     if cfg.offload == "cpu" and cfg.zero_stage == 0:
         raise ConfigError("engine.offload=cpu needs engine.zero_stage 1, 2 or 3 (offload moves ZeRO partitions)")
     if cfg.grad_accum < 1:

@@ -1,12 +1,13 @@
-"""The one training engine: a DeepSpeed engine around a module whose forward(*batch) returns
-(loss, logs), a train loop with progress, checkpoints (every N steps, every M minutes, and on SIGTERM /
-SIGUSR2), and automatic, exact resume.
+"""The one training engine: a DeepSpeed engine around a `TrainModule` (module.py: forward(*batch) returns
+(loss, logs)) on this rank's device (device.py), in fp32 or bf16 autocast (precision.py); a train loop with
+progress, checkpoints (every N steps, every M minutes, and on SIGTERM / SIGUSR2), and automatic, exact resume.
 
 What a checkpoint holds beyond DeepSpeed's module/optimizer/scheduler state: the position (epoch, batches
 into it, global step), the loss history, every rank's loader state, RNG states (python, numpy, torch, per
 rank), the module's own per-rank state (`rank_state()` / `load_rank_state()`, e.g. an augmentation memory
-bank), the config hash and the world size. The learning-rate schedule is ours (schedule.py), so its
-position is the optimizer step count and it continues where it stopped.
+bank), every rank's own buffers (BatchNorm statistics), the config hash and the world size. The
+learning-rate schedule is ours (schedule.py), so its position is the optimizer step count and it continues
+where it stopped.
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from ..artefacts import atomic_write_text
 from ..config import EngineConfig, OptimConfig
 from ..errors import UnfusedError
 from ..metrics.exporter import NULL, Metrics
+from .device import place, rank_device, to_device
+from .module import TrainModule
+from .precision import autocast
 from .checkpoint import Checkpoints, ResumeError, load_deepspeed_weights_only, rng_state, set_rng_state
 from .distributed import all_gather_object, all_reduce_max, average_buffers, barrier, init_distributed, is_main
 from .dsconfig import deepspeed_config
@@ -62,7 +66,11 @@ class Trainer:
                  metrics: Metrics = NULL):
         import deepspeed
 
+        if not isinstance(module, TrainModule):
+            raise TypeError(f"Trainer trains a TrainModule (unfused_dist.engine.module); got {type(module).__name__}")
         self.rank, self.world = init_distributed()
+        self.device = rank_device()
+        place(module, self.device)  # before the optimizer is built on its parameters
         self.cfg, self.config_hash, self.desc = engine_cfg, config_hash, desc
         self.checkpoints = Checkpoints(ckpt_dir, engine_cfg.keep_checkpoints)
         self.progress = Progress()
@@ -87,12 +95,15 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(engine_cfg, micro_batch, self.world))
+        if torch.device(self.engine.device).type != self.device.type:
+            raise UnfusedError(f"[{desc}] DeepSpeed placed the model on {self.engine.device} but this rank's device is "
+                               f"{self.device}: set DS_ACCELERATOR={self.device.type} before starting, or run.device")
         load_deepspeed_weights_only(self.engine)
         self.signals = PreemptionSignals()
         self.metrics = metrics  # owned by the stage (metrics.exporter.stage_metrics); NULL: none
 
     @property
-    def module(self) -> nn.Module:
+    def module(self) -> TrainModule:
         return self.engine.module
 
     def fit(self, batches: Callable[[int, int], Iterable], steps_per_epoch: int, epochs: int,
@@ -122,12 +133,13 @@ class Trainer:
                 for i, batch in enumerate(batches(p.epoch, p.step_in_epoch), start=p.step_in_epoch):
                     if i >= steps_per_epoch or p.global_step >= total:
                         break
-                    self._step(batch, i, clips_per_step, time.perf_counter() - waited)
+                    last = i + 1 >= steps_per_epoch or p.global_step + 1 >= total  # saved once, below
+                    save, stop = self._step(batch, i, clips_per_step, time.perf_counter() - waited, last)
                     bar.update(1)
                     h = p.history[-1]
                     bar.set_postfix(loss=f"{h['loss']:.3f}", lr=f"{h['lr']:.2e}", clips_s=f"{h['clips_s']:.0f}")
-                    if i + 1 < steps_per_epoch and p.global_step < total:  # the loop's last: once, below
-                        self._maybe_save(final=False)
+                    if not last:
+                        self._save_or_stop(save, stop, final=False)
                     waited = time.perf_counter()
                 average_buffers(self.module)
                 if p.step_in_epoch >= steps_per_epoch:  # a whole epoch (not a max_steps stop mid-epoch)
@@ -139,48 +151,70 @@ class Trainer:
         bar.close()
         return p
 
-    def _step(self, batch, index: int, clips_per_step: int, data_s: float) -> None:
+    def _step(self, batch, index: int, clips_per_step: int, data_s: float, last: bool) -> tuple[bool, bool]:
+        """One micro-step; returns whether every rank is to save and to stop after it (not asked on the
+        epoch's last step, which `fit` saves once)."""
         t0 = time.perf_counter()
-        loss, logs = self.engine(*batch)
-        self._check_finite(loss)
+        with autocast(self.cfg.precision, self.device):
+            loss, logs = self.engine(*to_device(batch, self.device))
+        loss = loss.float()
         self.engine.backward(loss)
-        self.engine.step()
-        after = getattr(self.module, "after_step", None)
-        if after is not None:
-            after()
-        step_s = time.perf_counter() - t0
-        p = self.progress
-        p.global_step += 1
-        p.step_in_epoch = index + 1
-        p.history.append({"step": p.global_step, "epoch": p.epoch, "loss": loss.item(),
-                          "lr": self.scheduler.get_last_lr()[0], "step_s": step_s, "data_s": data_s,
-                          "clips_s": clips_per_step * self.world / max(step_s + data_s, 1e-9),
-                          **{k: _finite_or_none(v) for k, v in logs.items()}})
-        h = p.history[-1]  # per rank: Prometheus sums over ranks
-        self.metrics.step(samples=clips_per_step, audio_seconds=clips_per_step * self.seconds_per_clip,
-                          step_s=step_s, data_s=data_s, loss=h["loss"], lr=h["lr"])
-
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        """Every rank learns of a NaN/inf loss on any rank before backward, so no weights, no checkpoint
-        (nor the pruning it does) and no export ever carry it."""
-        if all_reduce_max([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0])[0]:
+        # The step's one host sync and one collective: whether any rank's loss is not finite (read before the
+        # optimizer step, so no weights, no checkpoint and no export ever carry it), whether to save, whether
+        # to stop; this rank's loss and logs come back in the same transfer.
+        nonfinite, save, stop, loss_value, *log_values = self._exchange(loss, logs, not last and self._wants_save())
+        if nonfinite:
             p = self.progress
             raise DivergedError(f"[{self.desc}] the loss is not finite (NaN/inf) at epoch {p.epoch}, step "
                                 f"{p.global_step + 1}; stopped before saving it, so the checkpoints in "
                                 f"{self.checkpoints.dir} predate it: lower optim.lr or set engine.grad_clip, "
                                 "move that directory away and run again")
+        self.engine.step()
+        self.module.after_step()
+        step_s = time.perf_counter() - t0
+        p = self.progress
+        p.global_step += 1
+        p.step_in_epoch = index + 1
+        p.history.append({"step": p.global_step, "epoch": p.epoch, "loss": loss_value,
+                          "lr": self.scheduler.get_last_lr()[0], "step_s": step_s, "data_s": data_s,
+                          "clips_s": clips_per_step * self.world / max(step_s + data_s, 1e-9),
+                          **{k: _finite_or_none(v) for k, v in zip(logs, log_values)}})
+        h = p.history[-1]  # per rank: Prometheus sums over ranks
+        self.metrics.step(samples=clips_per_step, audio_seconds=clips_per_step * self.seconds_per_clip,
+                          step_s=step_s, data_s=data_s, loss=h["loss"], lr=h["lr"])
+        return bool(save), bool(stop)
+
+    def _exchange(self, loss: torch.Tensor, logs: dict, save: bool) -> list[float]:
+        """[any rank's loss not finite, any rank saves, any rank stops] (max over ranks), then this rank's
+        loss and log values: one all-reduce of three flags and one device-to-host copy."""
+        loss = loss.detach()
+        flags = torch.stack([(~torch.isfinite(loss)).float(),
+                             torch.tensor(float(save), device=self.device),
+                             torch.tensor(float(self.signals.received is not None), device=self.device)])
+        if self.world > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        values = [torch.as_tensor(v, device=self.device).detach().float().reshape(()) for v in logs.values()]
+        return torch.stack([*flags, loss, *values]).tolist()
 
     # --- checkpoints -------------------------------------------------------------------------------
-    def _maybe_save(self, final: bool) -> None:
-        """Every rank must join the same saves: one tiny all-reduce per step carries each rank's reasons
-        (a signal may reach only some ranks; rank 0's clock decides the time-based saves)."""
-        c, p = self.cfg, self.progress
-        due_step = bool(c.save_every_steps) and p.global_step % c.save_every_steps == 0
+    def _wants_save(self, step_ahead: int = 1) -> bool:
+        """This rank's reasons to save after the step `step_ahead` steps from now: the step count, rank 0's
+        clock (the time-based saves), a save postponed to the end of an accumulation window."""
+        c = self.cfg
+        step = self.progress.global_step + step_ahead
+        due_step = bool(c.save_every_steps) and step % c.save_every_steps == 0
         due_time = is_main() and c.save_every_minutes > 0 and \
             time.monotonic() - self._last_save > 60 * c.save_every_minutes
-        flags = all_reduce_max([float(final or due_step or due_time or self._postponed),
-                                float(self.signals.received is not None)])
-        save, stop = bool(flags[0]), bool(flags[1])
+        return due_step or due_time or self._postponed
+
+    def _maybe_save(self, final: bool) -> None:
+        """Every rank must join the same saves: one tiny all-reduce carries each rank's reasons (a signal
+        may reach only some ranks). Within an epoch the step's own exchange carries them (`_step`)."""
+        flags = all_reduce_max([float(final or self._wants_save(0)), float(self.signals.received is not None)])
+        self._save_or_stop(bool(flags[0]), bool(flags[1]), final)
+
+    def _save_or_stop(self, save: bool, stop: bool, final: bool) -> None:
+        c, p = self.cfg, self.progress
         if self.engine.micro_steps % c.grad_accum and not final:
             # DeepSpeed saves no accumulated gradients: a save (a signal's too) waits for the window's end.
             # The window is the engine's own count: after a reshard it need not align with global_step.
@@ -204,7 +238,10 @@ class Trainer:
         client = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step,
                   "history": p.history, "world_size": self.world, "config_hash": self.config_hash,
                   "data_layout": self.data_layout, "loaders": all_gather_object(loader)}
-        rank_state = {"rng": rng_state(), "module": getattr(self.module, "rank_state", dict)()}
+        # Buffers too: BatchNorm statistics differ per rank until the epoch's end averages them, and DeepSpeed
+        # saves rank 0's module only, so without them every other rank would resume with rank 0's.
+        rank_state = {"rng": rng_state(), "module": self.module.rank_state(),
+                      "buffers": {name: b.detach().cpu() for name, b in self.module.named_buffers()}}
         meta = {"world_size": self.world, "global_step": p.global_step, "epoch": p.epoch,
                 "step_in_epoch": p.step_in_epoch, "optimizer_steps": p.global_step // self.cfg.grad_accum,
                 "zero_stage": self.cfg.zero_stage, "config_hash": self.config_hash,
@@ -227,8 +264,11 @@ class Trainer:
         self._saved_step = p.global_step
         mine = self.checkpoints.load_rank_state(tag, self.rank)
         set_rng_state(mine["rng"])
-        if hasattr(self.module, "load_rank_state"):
-            self.module.load_rank_state(mine["module"])
+        self.module.load_rank_state(mine["module"])
+        with torch.no_grad():
+            for name, b in self.module.named_buffers():
+                if name in mine.get("buffers", {}):  # checkpoints from before buffers were saved per rank lack them
+                    b.copy_(mine["buffers"][name])
         if is_main():
             print(f"[{self.desc}] resumed from {where} (epoch {p.epoch}, step {p.global_step})", flush=True)
 
@@ -245,7 +285,7 @@ class Trainer:
 
     def _reshard(self, module: nn.Module, tag: str, meta: dict) -> None:
         """Load the checkpoint's consolidated fp32 weights into the plain module (fit restarts its epoch)."""
-        state = self.checkpoints.fp32_weights(tag, meta.get("zero_stage", self.cfg.zero_stage), self.cfg.precision)
+        state = self.checkpoints.fp32_weights(tag, meta.get("zero_stage", self.cfg.zero_stage))
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ResumeError(f"{self.checkpoints.dir / tag}: its consolidated weights do not fit this model "

@@ -45,12 +45,17 @@ def cluster_contrast(p_a: torch.Tensor, p_b: torch.Tensor, temperature: float) -
     entropy = 0.0
     for p in (p_a, p_b):
         marginal = gather_with_grad(p).mean(0)
-        entropy = entropy + (marginal * marginal.clamp_min(1e-8).log()).sum() + torch.log(torch.tensor(float(k)))
+        entropy = entropy + (marginal * marginal.clamp_min(1e-8).log()).sum() + _log(k)
     return contrast + entropy
 
 
+def _log(k: int) -> float:
+    """log k rounded as fp32 computes it (a host number: no device sync, and the sums stay bit-stable)."""
+    return float(torch.tensor(float(k)).log())
+
+
 def slicer_loss(student_a, student_b, teacher_a, teacher_b, temperature: float, cluster_temperature: float,
-                cluster_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+                cluster_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Each argument is a (projection, cluster_probs) pair for one view. Teacher outputs carry no grad."""
     (za, pa), (zb, pb) = student_a, student_b
     (ta, _), (tb, _) = teacher_a, teacher_b
@@ -58,4 +63,5 @@ def slicer_loss(student_a, student_b, teacher_a, teacher_b, temperature: float, 
     inst = 0.5 * (instance_nce(F.normalize(za, dim=1), kb, temperature)
                   + instance_nce(F.normalize(zb, dim=1), ka, temperature))
     clus = cluster_contrast(pa, pb, cluster_temperature)
-    return inst + cluster_weight * clus, {"instance": float(inst), "cluster": float(clus)}
+    # the parts are logged as detached tensors: the trainer reads them with the loss, in one transfer
+    return inst + cluster_weight * clus, {"instance": inst.detach(), "cluster": clus.detach()}

@@ -15,7 +15,9 @@ from ..data.loader import ShardSource, ShardStream, make_loader
 from ..metrics.exporter import Metrics, stage_metrics
 from ..data.transforms import eval_transform
 from ..artefacts import mark_done
+from ..engine.device import place, rank_device, to_device
 from ..engine.distributed import init_distributed, is_main, rank_world
+from ..engine.precision import fp32
 from ..engine.export import export_encoder, full_state_dict
 from ..engine.trainer import Trainer, write_history
 from ..models.encoder import AudioNTT
@@ -29,7 +31,8 @@ class Features(nn.Module):
         self.logmel, self.norm = LogMel(audio), Normalizer(mean, std)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.logmel(wave))
+        with fp32(wave):  # the STFT, mel sums, log and normalisation in fp32, also in mixed-precision runs
+            return self.norm(self.logmel(wave.float()))
 
 
 def norm_stats(source: ShardSource, audio: FrontendConfig, n_clips: int) -> tuple[float, float]:
@@ -55,16 +58,18 @@ def embed_split(encoder: AudioNTT, features: Features, source: ShardSource, cfg:
                 desc: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Frozen-encoder embeddings of every clip of a split, in shard order: keys, (N, D) float32, label ids.
     pooling: 'embedding' (mean+max over time), 'mean' (mean over time), 'block1' (x1)."""
-    encoder.eval()
+    device = rank_device()
+    place(encoder, device).eval()
+    place(features, device)
     stream = ShardStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), seed=0, shuffle=False,
                          workers=cfg.data.num_workers)
     loader = make_loader(stream, cfg.pseudolabel.batch_size)
     keys, embs, labels = [], [], []
     with tqdm(total=sum(source.counts), desc=desc, unit="clip", disable=not is_main(), dynamic_ncols=True) as bar:
         for wave, label, key in loader:
-            out = encoder(features(wave))
+            out = encoder(features(to_device(wave, device)))
             emb = {"embedding": out.embedding, "mean": out.mean}.get(pooling)
-            embs.append((out.blocks[0] if emb is None else emb).numpy())
+            embs.append((out.blocks[0] if emb is None else emb).cpu().numpy())
             labels.append(label.numpy())
             keys += key
             bar.update(len(key))

@@ -9,35 +9,46 @@ import torch
 from torch import nn
 
 from ..artefacts import is_done, read_done, reset
-from ..audio.augment import LogMixupExp, random_resize_crop
+from ..audio.augment import Augmenter
 from ..config import Config, DistillConfig
 from ..data.loader import ShardSource
 from ..models.encoder import AudioNTT
 from ..models.heads import shallow_head
 from ..objectives.distill import DistillWeights, distillation_loss
 from ..data.transforms import train_transform
+from ..engine.module import TrainModule
+from ..engine.precision import fp32
 from ..errors import MissingArtefactError, UnfusedError
 from .common import Features, norm_stats, split_dir, train_encoder
 from .pseudolabel import shards_digest
 
 
-class DistillModule(nn.Module):
+class DistillModule(TrainModule):
+    """The student, its classifier and shallow heads, learning the pseudo-labels (augmented as in SSL)."""
+
     def __init__(self, encoder: AudioNTT, features: Features, k: int, cfg: DistillConfig, seed: int):
         super().__init__()
         self.encoder, self.features = encoder, features
         self.classifier = nn.Linear(encoder.dim, k)
         self.heads = nn.ModuleList([shallow_head(d, k) for d in encoder.block_dims])
         self.weights = DistillWeights(cfg.head_ce, cfg.kl, cfg.cosine)
-        self.gen = torch.Generator().manual_seed(seed)
-        self.mixup = LogMixupExp(cfg.mixup_ratio, generator=self.gen)
+        self.augment = Augmenter(cfg.mixup_ratio, seed)
 
     def forward(self, wave: torch.Tensor, y: torch.Tensor):
-        x = random_resize_crop(self.mixup(self.features(wave)), generator=self.gen)
+        x = self.augment(self.features(wave))
         out = self.encoder(x)
         z = self.classifier(out.embedding)
         q = [h(b) for h, b in zip(self.heads, out.blocks)]
-        loss = distillation_loss(z, q, y, self.weights)
+        with fp32(x):
+            loss = distillation_loss(z.float(), [h.float() for h in q], y, self.weights)
         return loss, {"acc_pseudo": (z.argmax(1) == y).float().mean()}
+
+    def rank_state(self) -> dict:
+        """The augmentation RNG and mixup memory bank: without them a resumed distillation is not exact."""
+        return self.augment.state()
+
+    def load_rank_state(self, state: dict) -> None:
+        self.augment.load_state(state, self.classifier.weight.device)
 
 
 def pseudo_labels(stage: Path, target: ShardSource) -> Path:

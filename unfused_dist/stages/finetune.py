@@ -16,6 +16,9 @@ from ..errors import UnfusedError
 from ..data.loader import ShardSource, ShardStream, make_loader
 from ..engine.distributed import barrier, init_distributed, is_main
 from ..engine.export import load_encoder
+from ..engine.device import to_device
+from ..engine.module import TrainModule
+from ..engine.precision import fp32
 from ..engine.trainer import Trainer, write_history
 from ..metrics.exporter import stage_metrics
 from ..models.encoder import AudioNTT, count_parameters
@@ -34,7 +37,7 @@ ROWS = {
 }
 
 
-class Classifier(nn.Module):
+class Classifier(TrainModule):
     """Encoder + Linear on the mean over time of the final layer (METHOD.md, stage 4)."""
 
     def __init__(self, encoder: AudioNTT, features: Features, n_classes: int):
@@ -47,17 +50,19 @@ class Classifier(nn.Module):
 
     def forward(self, wave: torch.Tensor, y: torch.Tensor):
         z = self.logits(wave)
-        return F.cross_entropy(z, y), {"acc": (z.argmax(1) == y).float().mean()}
+        with fp32(z):
+            return F.cross_entropy(z.float(), y), {"acc": (z.argmax(1) == y).float().mean()}
 
 
-class LinearProbe(nn.Module):
+class LinearProbe(TrainModule):
     def __init__(self, dim: int, n_classes: int):
         super().__init__()
         self.fc = nn.Linear(dim, n_classes)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor):
         z = self.fc(x)
-        return F.cross_entropy(z, y), {"acc": (z.argmax(1) == y).float().mean()}
+        with fp32(z):
+            return F.cross_entropy(z.float(), y), {"acc": (z.argmax(1) == y).float().mean()}
 
 
 def run(cfg: Config, row: str) -> None:
@@ -145,7 +150,8 @@ def _probe(cfg, encoder, features, train, n_classes, out):
 
     def score(split: str) -> float:
         with torch.no_grad():
-            return float((trainer.module.fc(xs[split]).argmax(1) == ys[split]).float().mean())
+            x, y = to_device((xs[split], ys[split]), trainer.device)
+            return float((trainer.module.fc(x).argmax(1) == y).float().mean())
 
     def on_epoch_end(epoch):
         acc = score("val")
@@ -172,9 +178,12 @@ def accuracy(model: Classifier, split: str, cfg: Config) -> float:
     source = _labelled(cfg, split)
     stream = ShardStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), seed=0, shuffle=False,
                          workers=cfg.data.num_workers)
-    correct = total = 0
+    device = next(model.parameters()).device
+    correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device, read once
+    total = 0
     for wave, label, _ in make_loader(stream, cfg.pseudolabel.batch_size):
-        correct += int((model.logits(wave).argmax(1) == label).sum())
+        wave, label = to_device((wave, label), device)
+        correct += (model.logits(wave).argmax(1) == label).sum()
         total += len(label)
     model.train()
-    return correct / max(total, 1)
+    return int(correct) / max(total, 1)

@@ -7,17 +7,19 @@ import torch
 from torch import nn
 
 from ..artefacts import reset
-from ..audio.augment import LogMixupExp, random_resize_crop
+from ..audio.augment import Augmenter
 from ..config import Config, ConfigError, PretrainConfig
 from ..data.loader import ShardSource
 from ..models.encoder import AudioNTT
 from ..models.heads import cluster_head
 from ..objectives.ssl import slicer_loss
 from ..data.transforms import train_transform
+from ..engine.module import TrainModule
+from ..engine.precision import fp32
 from .common import Features, norm_stats, train_encoder
 
 
-class SSLModule(nn.Module):
+class SSLModule(TrainModule):
     """Online encoder + heads, and a momentum (EMA) copy that gives the contrastive keys."""
 
     def __init__(self, encoder: AudioNTT, features: Features, cfg: PretrainConfig, seed: int):
@@ -28,16 +30,11 @@ class SSLModule(nn.Module):
         self.cluster = cluster_head(encoder.dim, cfg.n_clusters)
         self.momentum = nn.ModuleDict({"encoder": copy.deepcopy(encoder), "proj": copy.deepcopy(self.proj),
                                        "cluster": copy.deepcopy(self.cluster)}).requires_grad_(False)
-        gen = torch.Generator().manual_seed(seed)
-        self.gen = gen
-        self.mixup = LogMixupExp(cfg.mixup_ratio, generator=gen)
+        self.augment = Augmenter(cfg.mixup_ratio, seed)
 
     def _heads(self, enc, proj, cluster, x):
         e = enc(x).embedding
         return proj(e), cluster(e).softmax(dim=1)
-
-    def augment(self, x: torch.Tensor) -> torch.Tensor:
-        return random_resize_crop(self.mixup(x), generator=self.gen)
 
     def forward(self, wave: torch.Tensor):
         x = self.features(wave)
@@ -47,26 +44,33 @@ class SSLModule(nn.Module):
             m = self.momentum
             keys = [self._heads(m["encoder"], m["proj"], m["cluster"], v) for v in views]
         c = self.cfg
-        return slicer_loss(online[0], online[1], keys[0], keys[1], c.temperature, c.cluster_temperature,
-                           c.cluster_weight)
+        with fp32(x):  # the losses' logs and normalisations in fp32 (mixed precision runs)
+            return slicer_loss(*_float(online[0], online[1], keys[0], keys[1]), c.temperature,
+                               c.cluster_temperature, c.cluster_weight)
 
     def rank_state(self) -> dict:
         """Per-rank state the engine checkpoints: the augmentation RNG and the mixup memory bank."""
-        bank = self.mixup.bank
-        return {"gen": self.gen.get_state(), "bank": bank.cpu() if bank is not None else torch.empty(0)}
+        return self.augment.state()
 
     def load_rank_state(self, state: dict) -> None:
-        self.gen.set_state(state["gen"])
-        bank = state["bank"]
-        self.mixup.bank = bank.to(self.proj.weight.device) if bank.numel() else None
+        self.augment.load_state(state, self.proj.weight.device)
 
     @torch.no_grad()
     def after_step(self) -> None:
-        for name, online in (("encoder", self.encoder), ("proj", self.proj), ("cluster", self.cluster)):
-            for pm, po in zip(self.momentum[name].parameters(), online.parameters()):
-                pm.mul_(self.cfg.ema).add_(po.detach(), alpha=1 - self.cfg.ema)
-            for bm, bo in zip(self.momentum[name].buffers(), online.buffers()):
+        """The momentum encoder's EMA, in fp32 (the weights stay fp32 under mixed precision), one foreach
+        update over all its parameters; buffers (BatchNorm statistics) are copied."""
+        names = ("encoder", "proj", "cluster")
+        target = [p for n in names for p in self.momentum[n].parameters()]
+        online = [p.detach() for n in names for p in getattr(self, n).parameters()]
+        torch._foreach_mul_(target, self.cfg.ema)
+        torch._foreach_add_(target, online, alpha=1 - self.cfg.ema)
+        for n in names:
+            for bm, bo in zip(self.momentum[n].buffers(), getattr(self, n).buffers()):
                 bm.copy_(bo)
+
+
+def _float(*pairs):
+    return [tuple(t.float() for t in pair) for pair in pairs]
 
 
 def run(cfg: Config) -> None:

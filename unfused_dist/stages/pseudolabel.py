@@ -29,6 +29,7 @@ from ..config import Config
 from ..data.loader import ShardSource
 from ..data.transforms import WithShard, eval_transform
 from ..engine.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, is_main
+from ..engine.device import place, rank_device, to_device
 from ..engine.export import load_encoder, sha256_of
 from ..errors import UnfusedError
 from ..metrics.exporter import stage_metrics
@@ -69,8 +70,9 @@ def embed(cfg: Config, part: int | None = None, parts: int | None = None) -> int
     source = ShardSource(split_dir(cfg, "train"))
     check_k(cfg, source)
     teacher, meta = load_encoder(cfg.run.path / "pretrain")
-    teacher.eval()
-    features = Features(cfg.audio, meta["norm_mean"], meta["norm_std"])
+    device = rank_device()  # the GPU this rank's job holds, when it has one
+    place(teacher, device).eval()
+    features = place(Features(cfg.audio, meta["norm_mean"], meta["norm_std"]), device)
     directory = cfg.run.path / "pseudolabel" / "embeddings"
     # every array task prepares (parts != world: each is a process group of its own); prepare is safe to
     # run concurrently. Which audio shards the embeddings came from is checked per shard (dump.is_dumped).
@@ -81,7 +83,7 @@ def embed(cfg: Config, part: int | None = None, parts: int | None = None) -> int
     transform = WithShard(eval_transform(cfg.audio, cfg.data.task_seconds))
 
     def embed_batch(wave):
-        out = teacher(features(wave))
+        out = teacher(features(to_device(wave, device)))
         return out.embedding if c.layer == "final" else out.blocks[0]
 
     return dump.dump(embed_batch, source, my_shards(len(source.counts), part, parts), directory, transform,
