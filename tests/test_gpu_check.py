@@ -1,6 +1,7 @@
 """scripts/gpu_check.sh, the one-command check for the day a GPU is lent, runs here in its tiny CPU form
 (`--cpu`): the ci pipeline in bf16 on one process and the step benchmark, ending in gpu_check.json."""
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -11,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_the_gpu_check_runs_on_the_cpu_and_writes_its_figures(ci_data, tmp_path):
-    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu", "--out", str(tmp_path)], cwd=ROOT,
+    # a fresh process's environment: stages run in this process earlier leave their rendezvous variables
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu", "--out", str(tmp_path)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     summary = json.loads((tmp_path / "gpu_check.json").read_text())

@@ -43,10 +43,13 @@ def run_stage(cfg: Config, name: str, reshard: bool = False) -> None:
     if name not in runners:
         raise UnfusedError(f"unknown stage '{name}'; stages: {', '.join(runners)}, or 'pipeline'")
     TRAINER_OPTIONS.reshard = reshard
-    from .engine.distributed import init_distributed
-    # The rank's device is chosen here, once, before any collective and before any stage code asks is_main()
-    # (otherwise every rank would think it is rank 0).
-    init_distributed(cfg.run.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .engine.distributed import init_distributed
+        # The rank's device is chosen here, before any collective and before any stage code asks is_main()
+        # (otherwise every rank would think it is rank 0). A single process starts its process group where a
+        # stage first needs one, with the same run.device (an in-process caller, e.g. a test that runs a
+        # stage and then launches jobs, keeps an environment without a rendezvous port in it).
+        init_distributed(cfg.run.device)
     try:
         runners[name](cfg)
     except Preempted as stop:

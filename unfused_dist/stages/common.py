@@ -108,7 +108,7 @@ def split_dir(cfg: Config, split: str) -> Path:
 
 def training_stream(cfg: Config, source: ShardSource, transform, batch_size: int) -> ShardStream:
     """This rank's shuffled training stream, as the data config says."""
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.run.device)
     d = cfg.data
     return ShardStream(source, transform, cfg.run.seed, shuffle=True, rank=rank, world=world,
                        workers=d.num_workers, batch_size=batch_size, shuffle_buffer=d.shuffle_buffer,

@@ -131,7 +131,7 @@ def _finetune(cfg, encoder, features, train, n_classes, out):
 def _probe(cfg, encoder, features, train, n_classes, out):
     c = cfg.finetune
     cache = out / "features.npz"
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.run.device)
     if is_main():  # embed once on rank 0; the other ranks read the cache
         sets = {name: embed_split(encoder, features, src, cfg, "mean", desc=f"{out.name}: embed {name}")
                 for name, src in (("train", train), ("val", _labelled(cfg, "val")), ("test", _labelled(cfg, "test")))}

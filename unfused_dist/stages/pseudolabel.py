@@ -64,7 +64,7 @@ def my_shards(n: int, rank: int, world: int) -> list[int]:
 def embed(cfg: Config, part: int | None = None, parts: int | None = None) -> int:
     """Step 1 alone (also what a SLURM array task runs): dump the embeddings of shards part, part + parts, ...
     (default: this rank's). Returns the number of shards embedded now."""
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.run.device)
     part, parts = (rank, world) if part is None else (part, parts)
     c = cfg.pseudolabel
     source = ShardSource(split_dir(cfg, "train"))
@@ -109,7 +109,7 @@ def run(cfg: Config) -> None:
 def fit(cfg: Config) -> None:
     """Steps 2-3 over a finished dump: PCA-whitening and initial centroids on rank 0, Lloyd on rank 0 (cpu,
     gpu) or on every rank (distributed); writes pca.npz and centroids.npy (+ fit.json)."""
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.run.device)
     c, out = cfg.pseudolabel, cfg.run.path / "pseudolabel"
     source = ShardSource(split_dir(cfg, "train"))
     store = dump.EmbeddingStore(out / "embeddings", source)
@@ -143,7 +143,7 @@ def fit(cfg: Config) -> None:
 def assign(cfg: Config, part: int | None = None, parts: int | None = None) -> None:
     """Step 4: every clip of shards part, part + parts, ... (default: this rank's) gets its nearest centroid;
     writes their label shards and, per shard, the cluster ids (for the report)."""
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.run.device)
     part, parts = (rank, world) if part is None else (part, parts)
     c, out = cfg.pseudolabel, cfg.run.path / "pseudolabel"
     source = ShardSource(split_dir(cfg, "train"))
