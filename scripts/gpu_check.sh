@@ -41,7 +41,7 @@ fi
 if [ $cpu = 1 ]; then
   # bf16 on a CPU without bf16 instructions is 10-20x slower than fp32: a handful of tiny steps per stage
   device=cpu; backend=distributed; batch=4; steps=2; workers=1
-  tiny="pretrain.batch_size=4 pretrain.max_steps=2 distill.batch_size=4 distill.max_steps=2 finetune.batch_size=4
+  tiny="pretrain.batch_size=4 pretrain.max_steps=1 distill.batch_size=4 distill.max_steps=1 finetune.batch_size=4
         finetune.labels_per_class=1 finetune.epochs=1 finetune.probe_epochs=2 finetune.rows=[scratch,unfused_probe]"
 else
   device=cuda; backend=gpu; batch=256; steps=30; workers=8

@@ -18,9 +18,13 @@ def init_distributed(device: str = "auto") -> tuple[int, int]:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:  # a process group of one (array tasks share nodes): any free port
-        os.environ["MASTER_PORT"] = str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
     if not dist.is_initialized():
+        if os.environ["WORLD_SIZE"] == "1" and "TORCHELASTIC_RUN_ID" not in os.environ:
+            # A process group of one agrees on nothing with anyone: a free port, whatever a launcher exported
+            # (submitit derives one from the job id, which another job's connection on the node may hold).
+            # Not under torchrun, whose agent already serves the store at MASTER_PORT.
+            os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ.setdefault("MASTER_PORT", "29500")
         chosen = choose_device(device)
         bind(chosen)  # before the process group: NCCL binds each rank to the current device
         import deepspeed
