@@ -36,12 +36,8 @@ def run_stage(cfg: Config, name: str, reshard: bool = False) -> None:
     """Run one stage in this process (under torchrun, in every rank)."""
     from .engine.preemption import Preempted
     from .engine.trainer import TRAINER_OPTIONS
-    from .stages import distill, evaluate, finetune, pretrain, pseudolabel
 
-    runners = {"pretrain": pretrain.run, "pseudolabel": pseudolabel.run, "distill": distill.run,
-               **{f"finetune-{row}": partial(finetune.run, row=row) for row in finetune.ROWS}, "evaluate": evaluate.run}
-    if name not in runners:
-        raise UnfusedError(f"unknown stage '{name}'; stages: {', '.join(runners)}, or 'pipeline'")
+    runner = _runner(name)
     TRAINER_OPTIONS.reshard = reshard
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from .engine.distributed import init_distributed
@@ -51,12 +47,27 @@ def run_stage(cfg: Config, name: str, reshard: bool = False) -> None:
         # stage and then launches jobs, keeps an environment without a rendezvous port in it).
         init_distributed(cfg.run.device)
     try:
-        runners[name](cfg)
+        runner(cfg)
     except Preempted as stop:
         d = stage_dir(cfg, name)
         if d is not None and os.environ.get("RANK", "0") == "0":
             atomic_write_text(d / STOPPED, json.dumps({"step": stop.step, "signal": stop.signal}))
         raise
+
+
+def _runner(name: str):
+    """The function that runs stage `name`. Only its own module is imported: every rank of every stage
+    imports it, and the others' imports (scikit-learn, matplotlib) cost seconds per process."""
+    from importlib import import_module
+
+    from .stages import finetune
+
+    if name.startswith("finetune-") and name.split("-", 1)[1] in finetune.ROWS:
+        return partial(finetune.run, row=name.split("-", 1)[1])
+    if name in ("pretrain", "pseudolabel", "distill", "evaluate"):
+        return import_module(f"{__package__}.stages.{name}").run
+    stages = ["pretrain", "pseudolabel", "distill", *[f"finetune-{row}" for row in finetune.ROWS], "evaluate"]
+    raise UnfusedError(f"unknown stage '{name}'; stages: {', '.join(stages)}, or 'pipeline'")
 
 
 def stage_command(cfg: Config, name: str, config_path: Path, reshard: bool = False) -> list[str]:

@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import normalized_mutual_info_score
 
 from ..artefacts import atomic_write_text, mark_done, reset
 from ..cluster import dump
@@ -192,7 +191,7 @@ def _report(cfg: Config, out: Path, ldir: Path, fitted: dict, ids: np.ndarray, t
               "teacher_sha256": meta["sha256"], "labels_dir": str(ldir),
               "audio_shards_sha256": shards_digest(ShardSource(split_dir(cfg, "train"))),
               "pca_sha256": sha256_of(out / "pca.npz"), "centroids_sha256": sha256_of(out / "centroids.npy"),
-              "nmi_vs_true_labels": float(normalized_mutual_info_score(true, ids)) if labelled else None,
+              "nmi_vs_true_labels": _nmi(true, ids) if labelled else None,
               "purity": _purity(true, ids) if labelled else None}
     atomic_write_text(ldir / "meta.json", json.dumps(report, indent=1))
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
@@ -200,6 +199,12 @@ def _report(cfg: Config, out: Path, ldir: Path, fitted: dict, ids: np.ndarray, t
     print(f"[pseudolabel] {total} clips -> K={c.k} ({fitted['backend']}, fit on {fitted['fit_points']}), objective "
           f"{fitted['objective'][-1]:.2f}, clusters {sizes.min()}..{sizes.max()} clips, NMI vs true labels "
           f"{report['nmi_vs_true_labels']}, purity {report['purity']}", flush=True)
+
+
+def _nmi(true: np.ndarray, ids: np.ndarray) -> float:
+    from sklearn.metrics import normalized_mutual_info_score  # here: scikit-learn takes seconds to import
+
+    return float(normalized_mutual_info_score(true, ids))
 
 
 def _purity(true: np.ndarray, ids: np.ndarray) -> float:
