@@ -20,6 +20,9 @@ from unfused_dist.errors import UnfusedError
 
 
 def main(argv: list[str] | None = None) -> None:
+    from unfused_dist.log import setup
+
+    setup()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:
         return library_cli.main(argv)
@@ -66,6 +69,8 @@ def _cancel(run: Path) -> None:
 
 
 def _launch(args, overrides: list[str]) -> None:
+    from unfused_dist.stage_table import table_of
+
     from .resources import load_resources
     from .submit import launch
 
@@ -74,7 +79,7 @@ def _launch(args, overrides: list[str]) -> None:
         from unfused_dist.pipeline import check_inputs
         check_inputs(cfg)
     config_path = library_cli.prepare_run_dir(cfg)
-    launch(cfg, config_path.resolve(), args.stage, args.cluster, load_resources(args.resources))
+    launch(cfg, config_path.resolve(), args.stage, args.cluster, load_resources(args.resources, table_of(cfg)))
 
 
 if __name__ == "__main__":

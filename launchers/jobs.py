@@ -18,18 +18,20 @@ class StageJob(submitit.helpers.Checkpointable):
     submitit requeues it (with the same arguments) after a time-out signal."""
 
     def __call__(self, config_path: str, job: str, part: int | None = None, parts: int | None = None) -> str:
-        if job_kind(job) in MULTI_RANK:
+        from unfused_dist.config import load_config
+        from unfused_dist.engine.preemption import Preempted
+        from unfused_dist.log import setup
+
+        setup()  # the library's messages into the job's .out / .err files
+        cfg = load_config(config_path)
+        spec = slurm_job(cfg, job)
+        if spec.ranked:
             # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from the SLURM (or local) job environment
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         import torch
 
-        from unfused_dist.config import load_config
-        from unfused_dist.engine.preemption import Preempted
-
         if os.environ.get("SLURM_CPUS_PER_TASK"):  # as many compute threads as the job was given CPUs
             torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
-
-        cfg = load_config(config_path)
         try:
             run_job(cfg, job, part, parts)
         except Preempted as stop:
@@ -39,26 +41,28 @@ class StageJob(submitit.helpers.Checkpointable):
         return f"{job} done" + (f" (part {part + 1}/{parts})" if parts else "")
 
 
-# Jobs whose tasks form one torch.distributed process group.
-MULTI_RANK = {"pretrain", "distill", "pseudolabel-fit", "finetune"}
+def slurm_job(cfg, job: str):
+    """The stage table's declaration of SLURM job `job`."""
+    from unfused_dist.stage_table import table_of
+
+    table = table_of(cfg)
+    for stage in table.stages:
+        for declared in stage.slurm_jobs():
+            if declared.name == job:
+                return declared
+    table.stage(job)  # raises: unknown
+    raise AssertionError(job)
 
 
 def run_job(cfg, job: str, part: int | None, parts: int | None) -> None:
+    """A job that is a whole stage runs as one (run_stage); a part of a stage calls its own function,
+    an array task with its part of the shards (each array task is a process group of its own)."""
     from unfused_dist.pipeline import run_stage
-    from unfused_dist.stages import pseudolabel
+    from unfused_dist.stage_table import resolve, table_of
 
-    if job == "pseudolabel-embed":
-        pseudolabel.embed(cfg, part, parts)  # each array task is a process group of its own
-    elif job == "pseudolabel-fit":
-        pseudolabel.fit(cfg)
-    elif job == "pseudolabel-assign":
-        pseudolabel.assign(cfg, part, parts)
-    elif job == "pseudolabel-finish":
-        pseudolabel.finish(cfg)
-    else:
+    if job in [s.name for s in table_of(cfg).stages]:
         run_stage(cfg, job)
-
-
-def job_kind(job: str) -> str:
-    """The resources section a job uses: finetune-<row> -> finetune."""
-    return "finetune" if job.startswith("finetune-") else job
+    elif parts:
+        resolve(slurm_job(cfg, job).runner)(cfg, part, parts)
+    else:
+        resolve(slurm_job(cfg, job).runner)(cfg)

@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from unfused_dist.stage_table import STAGES, StageTable
+
 from unfused_dist.config import ConfigError, _update
 
 
@@ -60,11 +62,9 @@ class ClusterResources:
         return res
 
 
-JOB_KINDS = ("pretrain", "pseudolabel-embed", "pseudolabel-fit", "pseudolabel-assign", "pseudolabel-finish",
-             "distill", "finetune", "evaluate")
-
-
-def load_resources(path: str | Path | None) -> ClusterResources:
+def load_resources(path: str | Path | None, table: StageTable = STAGES) -> ClusterResources:
+    """A resources file's sections: default, array_parts and one per kind of job of the stage table."""
+    sections = table.job_sections()
     if path is None:
         return ClusterResources()
     try:
@@ -89,14 +89,14 @@ def load_resources(path: str | Path | None) -> ClusterResources:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{path}: array_parts must be a whole number >= 1, got {value!r}")
             out.array_parts = value
-        elif key in JOB_KINDS:
+        elif key in sections:
             section = Resources()
             _update(section, value or {}, prefix=f"{key}.", where=str(path))  # validate the keys now
             _check_values(section, value or {}, key, path)
             out.jobs[key] = value or {}
         else:
             raise ConfigError(f"{path}: unknown section '{key}'; use default, array_parts or one of "
-                              f"{', '.join(JOB_KINDS)}")
+                              f"{', '.join(sections)}")
     return out
 
 

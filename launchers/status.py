@@ -11,10 +11,11 @@ from pathlib import Path
 from unfused_dist.artefacts import is_done
 from unfused_dist.config import load_config
 from unfused_dist.engine.checkpoint import HISTORY, Checkpoints
-from unfused_dist.pipeline import stage_dir, stage_names
+from unfused_dist.run_layout import RunLayout
+from unfused_dist.stage_table import table_of
 
 from .queue import base_id, live_ids, queued, scancel
-from .submit import PSEUDOLABEL_JOBS, launched_jobs
+from .submit import launched_jobs
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
          "DEADLINE"}
@@ -52,13 +53,14 @@ def _summarise(ids: list[str], states: dict[str, str]) -> str:
     return ",".join(f"{n} {st}" for st, n in sorted(counts.items()))
 
 
-def _training(stage_path: Path) -> tuple[str, str, str]:
+def _training(layout: RunLayout, stage: str) -> tuple[str, str, str]:
     """(step/total, newest checkpoint, throughput) from a stage's newest complete checkpoint."""
-    found = Checkpoints(stage_path / "ckpt").newest_complete() if (stage_path / "ckpt").is_dir() else None
+    ckpt = layout.ckpt(stage)
+    found = Checkpoints(ckpt).newest_complete() if ckpt.is_dir() else None
     if not found:
         return "-", "-", "-"
     tag, meta = found
-    where = stage_path / "ckpt" / tag
+    where = ckpt / tag
     history = json.loads((where / HISTORY).read_text()) if (where / HISTORY).exists() else []
     rate = statistics.median(h["clips_s"] for h in history[-20:]) if history else None
     step = f"{meta['global_step']}/{meta.get('total_steps') or '?'}"
@@ -88,20 +90,20 @@ def _shown_jobs(run: Path) -> tuple[dict[str, dict], dict[str, str]]:
 
 
 def status_lines(run: Path) -> list[str]:
-    cfg = load_config(Path(run) / "config.yaml")
-    jobs, states = _shown_jobs(cfg.run.path)
+    cfg = load_config(RunLayout(Path(run)).config)
+    layout = RunLayout.of(cfg)
+    jobs, states = _shown_jobs(layout.root)
     rows = [("stage", "state", "job", "step/total", "newest checkpoint", "throughput")]
-    for stage in stage_names(cfg):
-        d = stage_dir(cfg, stage)
-        names = PSEUDOLABEL_JOBS if stage == "pseudolabel" else [stage]
-        for name in names:
+    for stage in table_of(cfg).for_run(cfg):
+        d = layout.stage(stage.name)
+        for name in [j.name for j in stage.slurm_jobs()]:
             job = jobs.get(name)
             state = _summarise(job["job_ids"], states) if job else "-"
             if d is not None and is_done(d):
                 state = "done" if not job else f"done ({state})"
             elif d is not None and d.exists() and not job:
                 state = "started"
-            step, ckpt, rate = _training(d) if d is not None and name == stage else ("-", "-", "-")
+            step, ckpt, rate = _training(layout, stage.name) if d is not None and name == stage.name else ("-",) * 3
             rows.append((name, state, job["job_ids"][0].split("_")[0] if job else "-", step, ckpt, rate))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -110,7 +112,7 @@ def status_lines(run: Path) -> list[str]:
 def cancel(run: Path) -> tuple[list[str], dict[str, str]]:
     """scancel every pending or running job of every launch of the run; returns (the ids cancelled,
     id -> why for those scancel refused). Jobs SLURM no longer knows have finished: they are left alone."""
-    cfg = load_config(Path(run) / "config.yaml")
+    cfg = load_config(RunLayout(Path(run)).config)
     live = live_ids([j for job in launched_jobs(cfg.run.path) if job["cluster"] == "slurm" for j in job["job_ids"]],
                     completing=False)
     failed = scancel(live)

@@ -26,16 +26,13 @@ import submitit
 from unfused_dist.artefacts import atomic_write_text, exclusive_lock, is_done
 from unfused_dist.config import Config
 from unfused_dist.errors import UnfusedError
-from unfused_dist.pipeline import stage_dir, stage_names
+from unfused_dist.run_layout import RunLayout
+from unfused_dist.stage_table import table_of
 
-from .jobs import StageJob, job_kind
+from .jobs import StageJob
 from .queue import describe_failures, live_ids, scancel
 from .resources import ClusterResources
 
-LAUNCH_FILE = "launch.json"
-LOCK_FILE = ".launch.lock"  # held while a launch checks the queue and submits
-PSEUDOLABEL_JOBS = ["pseudolabel-embed", "pseudolabel-fit", "pseudolabel-assign", "pseudolabel-finish"]
-ARRAYS = {"pseudolabel-embed", "pseudolabel-assign"}
 
 
 @dataclass
@@ -43,6 +40,8 @@ class JobSpec:
     name: str
     after: list[str] = field(default_factory=list)
     array: int = 0  # > 0: an array job of that many parts
+    ranked: bool = False  # its tasks form one process group (else: one process with all the CPUs)
+    section: str = ""  # its resources section
 
 
 @dataclass
@@ -56,70 +55,60 @@ class Submitted:
 
 
 def job_graph(cfg: Config, target: str, parts: int) -> list[JobSpec]:
-    """The jobs for `target` (a stage name or 'pipeline'), in submission order."""
-    stages = stage_names(cfg) if target == "pipeline" else [target]
-    unknown = [s for s in stages if s not in stage_names(cfg)]
-    if unknown:
-        raise UnfusedError(f"unknown stage '{unknown[0]}'; stages: {', '.join(stage_names(cfg))}, or 'pipeline'")
-    done = {s for s in stages if (d := stage_dir(cfg, s)) is not None and is_done(d)}
-    wanted = [s for s in stages if s not in done]
-    last = {"pretrain": "pretrain", "pseudolabel": "pseudolabel-finish", "distill": "distill"}
-    row_after = {"scratch": [], "teacher_probe": ["pretrain"], "teacher_finetune": ["pretrain"],
-                 "unfused_probe": ["distill"], "unfused_finetune": ["distill"]}
-
-    def deps(*stages_needed: str) -> list[str]:  # only stages submitted in this launch
-        return [last.get(s, s) for s in stages_needed if s in wanted]
-
+    """The jobs for `target` (a stage name or 'pipeline'), in submission order, from the run's stage table:
+    each stage's SLURM jobs in a chain, the first after the last job of every stage it needs."""
+    table, layout = table_of(cfg), RunLayout.of(cfg)
+    stages = table.for_run(cfg)
+    if target != "pipeline":
+        if target not in [s.name for s in stages]:
+            table.stage(target)  # an unknown name: the table's error
+            raise UnfusedError(f"stage '{target}' is not in this run (finetune.rows: {', '.join(cfg.finetune.rows)})")
+        stages = [s for s in stages if s.name == target]
+    wanted = [s for s in stages if (d := layout.stage(s.name)) is None or not is_done(d)]
+    last_job = {s.name: s.slurm_jobs()[-1].name for s in wanted}  # only stages submitted in this launch
     jobs: list[JobSpec] = []
     for stage in wanted:
-        if stage == "pseudolabel":
-            chain = deps("pretrain")
-            for name in PSEUDOLABEL_JOBS:
-                jobs.append(JobSpec(name, chain, parts if name in ARRAYS else 0))
-                chain = [name]
-        elif stage == "distill":
-            jobs.append(JobSpec(stage, deps("pseudolabel")))
-        elif stage.startswith("finetune-"):
-            jobs.append(JobSpec(stage, deps(*row_after.get(stage.split("-", 1)[1], []))))
-        elif stage == "evaluate":
-            jobs.append(JobSpec(stage, [s for s in wanted if s.startswith("finetune-")]))
-        else:
-            jobs.append(JobSpec(stage))
+        chain = [last_job[a] for a in stage.after if a in last_job]
+        for job in stage.slurm_jobs():
+            jobs.append(JobSpec(job.name, chain, parts if job.array else 0, job.ranked, job.section or job.name))
+            chain = [job.name]
     return jobs
 
 
 def launch(cfg: Config, config_path: Path, target: str, cluster: str, resources: ClusterResources) -> list[Submitted]:
     """Submit the jobs; on SLURM returns at once, locally when the last job has finished."""
-    with _only_launch(cfg.run.path):
+    layout = RunLayout.of(cfg)
+    with _only_launch(layout):
         specs = job_graph(cfg, target, resources.array_parts)
         if not specs:
-            print(f"[launch] {target}: every stage is done already ({cfg.run.path})")
+            print(f"[launch] {target}: every stage is done already ({layout.root})")
             return []
-        _refuse_if_live(cfg.run.path)
+        _refuse_if_live(layout.root)
         return _submit_all(cfg, config_path, cluster, resources, specs)
 
 
-def _only_launch(run: Path):
+def _only_launch(layout: RunLayout):
     """One `unfused launch` of a run at a time: two started together would both pass _refuse_if_live and
     queue two pipelines into the same directories."""
-    return exclusive_lock(run / LOCK_FILE, unlocked="start one launch of a run at a time",
-                          busy=f"{run}: another `unfused launch` of this run is still submitting (or running it "
+    return exclusive_lock(layout.launch_lock, unlocked="start one launch of a run at a time",
+                          busy=f"{layout.root}: another `unfused launch` of this run is still submitting (or running it "
                                "locally); wait for it to return, then check `unfused status`")
 
 
 def _submit_all(cfg: Config, config_path: Path, cluster: str, resources: ClusterResources,
                 specs: list[JobSpec]) -> list[Submitted]:
-    (Path(cfg.metrics.targets_dir or cfg.run.path / "metrics" / "targets")).mkdir(parents=True, exist_ok=True)
+    layout = RunLayout.of(cfg)
+    layout.metrics_targets(cfg.metrics.targets_dir).mkdir(parents=True, exist_ok=True)
     ids: dict[str, str] = {}  # job name -> SLURM job id (an array's base id covers all its tasks)
     submitted = []
     launch_id = time.strftime("%Y%m%dT%H%M%S") + f"-{time.time_ns() % 10**6:06d}"
     for spec in specs:
-        res = resources.for_job(job_kind(spec.name))
-        if spec.name.endswith("_probe") or spec.name in ARRAYS or spec.name in ("pseudolabel-finish", "evaluate"):
+        res = resources.for_job(spec.section)
+        if not spec.ranked:
             # one process, as in the local pipeline, with the CPUs the section gives all of its tasks
             res.cpus_per_task *= res.nodes * res.tasks_per_node
             res.nodes, res.tasks_per_node = 1, 1
-        folder = cfg.run.path / "slurm" / spec.name
+        folder = layout.slurm(spec.name)
         executor = submitit.AutoExecutor(folder=folder / "%j", cluster=None if cluster == "slurm" else cluster)
         params = res.executor_parameters(f"{cfg.run.name}-{spec.name}")
         after = [ids[a] for a in spec.after if a in ids]
@@ -133,7 +122,7 @@ def _submit_all(cfg: Config, config_path: Path, cluster: str, resources: Cluster
         try:
             jobs = _submit(executor, spec, str(config_path))
         except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
-            raise _refused(cfg.run.path, spec.name, resources.section_of(job_kind(spec.name)), e, submitted) from None
+            raise _refused(layout.root, spec.name, resources.section_of(spec.section), e, submitted) from None
         ids[spec.name] = jobs[0].job_id.split("_")[0]
         submitted.append(Submitted(spec.name, [j.job_id for j in jobs], spec.after, spec.array, str(folder),
                                    time.time()))
@@ -142,7 +131,7 @@ def _submit_all(cfg: Config, config_path: Path, cluster: str, resources: Cluster
         if cluster != "slurm":  # no scheduler to hold the dependents: wait here
             for job in jobs:
                 job.results()  # every task of a multi-task job
-        _record(cfg.run.path, launch_id, cluster, submitted)
+        _record(layout, launch_id, cluster, submitted)
     return submitted
 
 
@@ -178,9 +167,9 @@ def _submit(executor: submitit.AutoExecutor, spec: JobSpec, config_path: str) ->
     return [executor.submit(StageJob(), config_path, spec.name)]
 
 
-def _record(run: Path, launch_id: str, cluster: str, submitted: list[Submitted]) -> None:
+def _record(layout: RunLayout, launch_id: str, cluster: str, submitted: list[Submitted]) -> None:
     """Write this launch into RUN/launch.json (earlier launches of the same run stay, for the record)."""
-    path = run / LAUNCH_FILE
+    path = layout.launch_file
     launches = [entry for entry in (json.loads(path.read_text()) if path.exists() else []) if entry["id"] != launch_id]
     launches.append({"id": launch_id, "cluster": cluster, "jobs": [asdict(s) for s in submitted]})
     atomic_write_text(path, json.dumps(launches, indent=1))
@@ -188,7 +177,7 @@ def _record(run: Path, launch_id: str, cluster: str, submitted: list[Submitted])
 
 def launched_jobs(run: Path) -> list[dict]:
     """Every job of every launch of the run, oldest launch first (with its launch's "cluster")."""
-    path = Path(run) / LAUNCH_FILE
+    path = RunLayout(Path(run)).launch_file
     if not path.exists():
         return []
     return [{**job, "cluster": launch_["cluster"]} for launch_ in json.loads(path.read_text())

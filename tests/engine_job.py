@@ -63,6 +63,9 @@ def distill_module() -> TrainModule:
 
 
 def main() -> None:
+    from unfused_dist.log import setup
+
+    setup()  # the trainer's messages (resumed, stopping, resharded) on stdout, as under `unfused run`
     p = argparse.ArgumentParser()
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)

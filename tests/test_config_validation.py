@@ -3,7 +3,7 @@ to use; the run dir's identity does not depend on how its path or the data paths
 import pytest
 
 from unfused_dist.cli import prepare_run_dir
-from unfused_dist.config import CHOICES, ConfigError, FinetuneConfig, load_config
+from unfused_dist.config import ConfigError, load_config
 
 
 def _error(overrides=(), path=None) -> str:
@@ -78,10 +78,18 @@ def test_the_error_names_where_the_value_came_from(tmp_path):
     assert _error(["engine.precision=fp8"], path).startswith("command line: 'engine.precision' is 'fp8'")
 
 
-def test_finetune_row_choices_are_the_stage_rows():
-    from unfused_dist.stages.finetune import ROWS
+def test_a_moved_key_names_its_new_place(tmp_path):
+    assert _error(["pretrain.norm_clips=64"]) == ("command line: 'pretrain.norm_clips' has moved: write "
+                                                  "'audio.norm_clips' instead (same meaning)")
+    path = tmp_path / "old.yaml"
+    path.write_text("pseudolabel:\n  batch_size: 64\n")
+    assert _error(path=path).startswith(f"{path}: 'pseudolabel.batch_size' has moved: write 'data.eval_batch_size'")
 
-    assert CHOICES[FinetuneConfig]["rows"] == tuple(ROWS)
+
+def test_finetune_rows_are_checked_against_the_stage_tables_rows():
+    assert _error(["finetune.rows=[scratch,unfused_finetun]"]).startswith(
+        "command line: 'finetune.rows' has 'unfused_finetun'; use one of 'scratch', 'teacher_probe'")
+    assert "(did you mean 'unfused_finetune'?)" in _error(["finetune.rows=[scratch,unfused_finetun]"])
 
 
 # ---- E: YAML --------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def _times(job_ids: list[str]) -> dict[str, tuple[str, str]]:
 # teacher's probe needs pre-training only, the student's fine-tune the whole chain): what this file checks is
 # the orchestration and that a SLURM run computes what the same run computes here; the accuracies of the full
 # ci pipeline are checked once, by tests/test_pipeline_ci.py.
-TINY = ["pretrain.max_steps=2", "pretrain.norm_clips=16", "distill.max_steps=2", "finetune.labels_per_class=4",
+TINY = ["pretrain.max_steps=2", "audio.norm_clips=16", "distill.max_steps=2", "finetune.labels_per_class=4",
         "finetune.epochs=1", "finetune.probe_epochs=2", "finetune.rows=[teacher_probe,unfused_finetune]"]
 TINY_JOBS = {"pretrain", "pseudolabel-embed", "pseudolabel-fit", "pseudolabel-assign", "pseudolabel-finish", "distill",
              "finetune-teacher_probe", "finetune-unfused_finetune", "evaluate"}
@@ -98,7 +98,7 @@ def test_a_requeued_training_job_resumes_from_its_checkpoint(slurm_cluster, ci_d
     run = tmp_path / "rq"
     r = _unfused("launch", "pretrain", "-c", "configs/ci.yaml", "--cluster", "slurm", "--resources",
                  "configs/slurm/ci.yaml", f"run.dir={run}", "run.name=rq", "pretrain.max_steps=12",
-                 "pretrain.batch_size=8", "pretrain.norm_clips=16",
+                 "pretrain.batch_size=8", "audio.norm_clips=16",
                  "engine.save_every_steps=2", env=slurm_cluster.env)
     assert r.returncode == 0, r.stderr[-3000:]
     job_id = latest_jobs(run)["pretrain"]["job_ids"][0]

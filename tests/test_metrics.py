@@ -300,7 +300,7 @@ def test_prometheus_discovers_a_real_pretraining_run_which_sigterm_stops_after_a
     config.write_text(yaml.safe_dump(prometheus_config(targets)))
     cmd = [sys.executable, "-m", "unfused_dist.cli", "run", "pretrain", "-c", "configs/ci.yaml",
            f"run.dir={tmp_path / 'run'}", "run.nproc=1", "data.num_workers=2", "pretrain.max_steps=40",
-           "pretrain.batch_size=8", "pretrain.norm_clips=16",
+           "pretrain.batch_size=8", "audio.norm_clips=16",
            "engine.save_every_steps=0", f"metrics.targets_dir={targets}"]
     with open(log_path, "w") as log:
         server = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",

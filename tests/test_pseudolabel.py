@@ -83,7 +83,7 @@ def _stage_run(tmp_path: Path, split: Path) -> Path:
     export_encoder(AudioNTT(n_fc=2, n_mels=64), run / "pretrain", meta={"norm_mean": -6.0, "norm_std": 3.0})
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"run: {{dir: {run}}}\ndata: {{target: {split.parent}, task_seconds: 0.1, num_workers: 1}}\n"
-                   "pseudolabel: {k: 4, pca_dim: 8, batch_size: 4, init_points: 200, pca_points: 200}\n")
+                   "pseudolabel: {k: 4, pca_dim: 8, init_points: 200, pca_points: 200}\n")
     return cfg
 
 

@@ -28,7 +28,7 @@ def _run_cfg(root: Path, split: Path, run: Path, k: int = 2):
         export_encoder(AudioNTT(n_fc=2, n_mels=64), run / "pretrain", meta={"norm_mean": -6.0, "norm_std": 3.0})
     return load_config(None, [f"run.dir={run}", f"data.target={split.parent}", "data.task_seconds=0.1",
                               "data.num_workers=0", f"pseudolabel.k={k}", "pseudolabel.pca_dim=4",
-                              "pseudolabel.batch_size=4", "pseudolabel.iterations=2"])
+                              "data.eval_batch_size=4", "pseudolabel.iterations=2"])
 
 
 def _label_keys(ldir: Path, split: Path) -> list[list[str]]:

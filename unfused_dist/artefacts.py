@@ -5,13 +5,13 @@ import fcntl
 import json
 import os
 import shutil
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .errors import UnfusedError
+from .log import logger
 
 DONE = "done.json"
 
@@ -66,6 +66,6 @@ def exclusive_lock(path: Path, busy: str | None = None, unlocked: str = "run one
         except BlockingIOError:
             raise UnfusedError(busy) from None
         except OSError as e:
-            print(f"{path}: cannot lock ({e.strerror}); {unlocked}", file=sys.stderr, flush=True)
+            logger("artefacts").warning(f"{path}: cannot lock ({e.strerror}); {unlocked}")
         yield
 

@@ -4,20 +4,22 @@ adds launch, status and cancel."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config, save_config
 from .errors import UnfusedError
+from .run_layout import RunLayout
 
 
 def prepare_run_dir(cfg: Config) -> Path:
     """Save the resolved config in the run dir; refuse a run dir that holds a different run (Config.hash:
     runtime keys and the run dir's own spelling do not count), since its finished stages would be skipped
     and silently reused."""
-    path = cfg.run.path / "config.yaml"
-    if os.environ.get("RANK", "0") != "0":
+    from .engine.distributed import launch_rank
+
+    path = RunLayout.of(cfg).config
+    if launch_rank().rank != 0:
         return path
     if path.exists():
         old = load_config(path)
@@ -45,10 +47,12 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def cmd_run(args) -> None:
     from .engine.device import choose_device
+    from .engine.distributed import launch_rank
     from .pipeline import check_inputs, run_pipeline, run_stage
 
     cfg = load_config(args.config, args.overrides)
-    choose_device(cfg.run.device)  # a job given GPUs on a torch without CUDA stops here, before the run dir
+    # a job given GPUs on a torch without CUDA stops here, before the run dir
+    choose_device(cfg.run.device, launch_rank().local_rank)
     if args.stage == "pipeline":
         check_inputs(cfg)  # before the run dir is created, so a corrected command is not refused
     config_path = prepare_run_dir(cfg)
@@ -59,6 +63,9 @@ def cmd_run(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .log import setup
+
+    setup()
     parser = argparse.ArgumentParser(prog="unfused", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one stage or the whole pipeline on this machine")
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cmd_run(args)
     except UnfusedError as e:
-        print(f"unfused: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"unfused: error: {e}\n")
         sys.exit(2)
 
 

@@ -7,11 +7,9 @@ one-line error naming the key, the value, where it came from (file or command li
 from __future__ import annotations
 
 import dataclasses
-import operator
 import difflib
 import hashlib
 import json
-import math
 import os
 import types
 import typing
@@ -35,6 +33,8 @@ class RunConfig:
     nproc: int = 1  # processes per training stage when run locally (torchrun on this machine)
     # auto: cuda:LOCAL_RANK when torch sees CUDA, else the CPU; cuda: refuse to run without one; cpu: stay on it
     device: str = "auto"
+    # The stage table (stage_table.py), as module:attribute; empty: the built-in stages and rows
+    stages: str = ""
 
     @property
     def path(self) -> Path:
@@ -51,6 +51,7 @@ class DataConfig:
     task_seconds: float = 1.0
     num_workers: int = 1  # DataLoader workers per rank
     shuffle_buffer: int = 1000
+    eval_batch_size: int = 128  # clips per batch wherever a frozen model embeds or scores clips
     # A sample that cannot be decoded: "skip" (logged by shard and key, replaced by the next good one so
     # every rank still takes the same number of steps) or "fail" (stop the run, naming shard and key).
     bad_samples: str = "skip"
@@ -78,6 +79,9 @@ class EngineConfig:
     offload: str = "none"  # none | cpu: optimizer states (and, at stage 3, parameters) in host memory
     grad_accum: int = 1
     grad_clip: float = 0.0  # 0: off
+    # Resume from a checkpoint written by a different number of processes (its fp32 weights, from the start of
+    # its epoch) instead of refusing; `unfused run --reshard` sets it for that command only.
+    reshard: bool = False
     save_every_steps: int = 200  # 0: off
     save_every_minutes: float = 10.0  # 0: off; checked every step, rank 0's clock decides
     keep_checkpoints: int = 2  # the newest complete checkpoints kept; older ones are deleted
@@ -96,7 +100,6 @@ class PretrainConfig:
     cluster_temperature: float = 1.0
     cluster_weight: float = 1.0
     mixup_ratio: float = 0.4
-    norm_clips: int = 512  # clips used to estimate the log-mel mean/std stored with the encoder
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", lr=1e-3, weight_decay=1e-4,
                                                                    warmup_steps=20))
 
@@ -106,7 +109,6 @@ class PseudoLabelConfig:
     k: int = 32
     pca_dim: int = 128
     layer: str = "final"  # final (clip embedding) | block1 (x1, as in the authors' code)
-    batch_size: int = 128  # clips per embedding batch
     backend: str = "cpu"  # cpu (faiss) | gpu (faiss-gpu, or torch on the GPU) | distributed (every rank its points)
     gpus: int = 0  # gpu backend: GPUs of this node to use, 0 = all
     init: str = "kmeans++"  # kmeans++ | sampled
@@ -186,7 +188,9 @@ class Config:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-RUNTIME_KEYS = ("run.nproc", "run.device", "engine.save_every_steps", "engine.save_every_minutes", "engine.keep_checkpoints",
+# Keys that moved to the section that owns them: an old config gets a one-line error naming the new key.
+MOVED = {"pretrain.norm_clips": "audio.norm_clips", "pseudolabel.batch_size": "data.eval_batch_size"}
+RUNTIME_KEYS = ("run.nproc", "run.device", "engine.reshard", "engine.save_every_steps", "engine.save_every_minutes", "engine.keep_checkpoints",
                 "metrics.enabled", "metrics.addr", "metrics.port", "metrics.targets_dir")
 DATA_PATH_KEYS = ("data.pool", "data.target")
 
@@ -194,71 +198,6 @@ DATA_PATH_KEYS = ("data.pool", "data.target")
 def normalise_path(path: str) -> str:
     """One spelling per directory (relative to the working directory, as the stages read it)."""
     return os.path.realpath(path) if path else path
-
-
-# Keys that take one of a few words, per dataclass (so every OptimConfig section is checked). A list field
-# (finetune.rows) is checked item by item.
-CHOICES: dict[type, dict[str, tuple]] = {
-    RunConfig: {"device": ("auto", "cpu", "cuda")},
-    DataConfig: {"bad_samples": ("skip", "fail")},
-    OptimConfig: {"name": ("sgd", "adam", "adamw"), "schedule": ("cosine", "constant")},
-    EngineConfig: {"zero_stage": (0, 1, 2, 3), "precision": ("fp32", "bf16", "fp16"), "offload": ("none", "cpu")},
-    PretrainConfig: {"n_fc": (2, 3)},
-    PseudoLabelConfig: {"layer": ("final", "block1"), "backend": ("cpu", "gpu", "distributed"),
-                        "init": ("kmeans++", "sampled")},
-    DistillConfig: {"n_fc": (2, 3)},
-    FinetuneConfig: {"rows": ("scratch", "teacher_probe", "teacher_finetune", "unfused_probe", "unfused_finetune")},
-}
-
-
-@dataclass(frozen=True)
-class Range:
-    """Allowed numeric values: low <= x (low < x when low_open) and x <= high; floats must be finite."""
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-
-    def allows(self, x: float) -> bool:
-        if isinstance(x, float) and not math.isfinite(x):
-            return False
-        if self.low is not None and (x <= self.low if self.low_open else x < self.low):
-            return False
-        return self.high is None or x <= self.high
-
-    def describe(self, is_float: bool) -> str:
-        kind = "a finite number" if is_float else "an integer"
-        if self.low is not None and self.high is not None:
-            return f"{kind} from {self.low} to {self.high}"
-        return f"{kind} {'>' if self.low_open else '>='} {self.low}" if self.low is not None else kind
-
-
-AT_LEAST_0, AT_LEAST_1, POSITIVE, FRACTION = Range(0), Range(1), Range(0, low_open=True), Range(0, 1)
-
-# Ranges per dataclass field. Every number a stage would otherwise only trip over later (a division by a
-# batch size, an empty epoch loop, a k-means with one cluster, a port the socket refuses) is checked here,
-# when the config loads, instead of hours into a run. Float fields not listed must still be finite.
-RANGES: dict[type, dict[str, Range]] = {
-    RunConfig: {"seed": Range(0, 2 ** 32 - 1), "nproc": AT_LEAST_1},  # k-means++ (sklearn) takes 32 bits
-    DataConfig: {"task_seconds": POSITIVE, "num_workers": AT_LEAST_0, "shuffle_buffer": AT_LEAST_1},
-    FrontendConfig: {"sample_rate": AT_LEAST_1, "n_fft": Range(2), "hop_length": AT_LEAST_1,
-                     "n_mels": Range(8),  # the encoder pools frequency by 8
-                     "f_min": AT_LEAST_0, "f_max": POSITIVE, "crop_seconds": POSITIVE, "eps": POSITIVE},
-    OptimConfig: {"lr": POSITIVE, "momentum": FRACTION, "weight_decay": AT_LEAST_0, "warmup_steps": AT_LEAST_0},
-    EngineConfig: {"grad_accum": AT_LEAST_1, "grad_clip": AT_LEAST_0, "save_every_steps": AT_LEAST_0,
-                   "save_every_minutes": AT_LEAST_0, "keep_checkpoints": AT_LEAST_1},
-    PretrainConfig: {"batch_size": AT_LEAST_1, "epochs": AT_LEAST_1, "max_steps": AT_LEAST_0, "ema": FRACTION,
-                     "proj_dim": AT_LEAST_1, "n_clusters": Range(2), "temperature": POSITIVE,
-                     "cluster_temperature": POSITIVE, "cluster_weight": AT_LEAST_0, "mixup_ratio": FRACTION,
-                     "norm_clips": AT_LEAST_1},
-    PseudoLabelConfig: {"k": Range(2), "pca_dim": AT_LEAST_1, "batch_size": AT_LEAST_1, "gpus": AT_LEAST_0,
-                        "init_points": AT_LEAST_1, "pca_points": Range(2), "fit_points": AT_LEAST_0,
-                        "iterations": AT_LEAST_1, "max_points_per_centroid": AT_LEAST_1},
-    DistillConfig: {"batch_size": AT_LEAST_1, "epochs": AT_LEAST_1, "max_steps": AT_LEAST_0, "head_ce": AT_LEAST_0,
-                    "kl": AT_LEAST_0, "cosine": AT_LEAST_0, "mixup_ratio": FRACTION},
-    FinetuneConfig: {"labels_per_class": AT_LEAST_0, "batch_size": AT_LEAST_1, "epochs": AT_LEAST_1,
-                     "probe_epochs": AT_LEAST_1},
-    MetricsConfig: {"port": Range(0, 65535)},
-}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -274,7 +213,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not sep or not key:
             raise ConfigError(f"override '{item}': expected key=value, e.g. run.dir=runs/x")
         _set_dotted(cfg, key, _override_value(key, value, item), where="command line", sources=sources)
-    _validate(cfg, sources)
+    from .config_rules import validate  # the rules need the dataclasses above
+
+    validate(cfg, sources)
     return cfg
 
 
@@ -332,6 +273,8 @@ def _set_dotted(obj, dotted: str, value: Any, where: str, prefix: str = "",
     fields = {f.name: f for f in dataclasses.fields(obj)}
     full = prefix + head
     if head not in fields:
+        if full in MOVED:
+            raise ConfigError(f"{where}: '{full}' has moved: write '{MOVED[full]}' instead (same meaning)")
         valid = [prefix + n for n in fields]
         near = difflib.get_close_matches(full, valid, n=1) or difflib.get_close_matches(full, _all_keys(), n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(valid)})"
@@ -389,56 +332,6 @@ def _number_as_written(scalar: Scalar, key: str, where: str) -> Any:
         raise ConfigError(f"{where}: '{key}' is written {scalar.text}, which YAML reads as {scalar.value}; "
                           "write the number without leading zeros or colons")
     return scalar.value
-
-
-# ---- validation ----------------------------------------------------------------------------------------
-
-def _validate(cfg: Config, sources: dict[str, str]) -> None:
-    """Every choice and range, then the few rules that tie two keys together."""
-    for key, owner, name, value in _leaves(cfg):
-        where = sources.get(key, "defaults")
-        allowed = CHOICES.get(type(owner), {}).get(name)
-        if allowed is not None:
-            _check_choice(key, value, allowed, where)
-        rng = RANGES.get(type(owner), {}).get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            rng = rng or (Range() if isinstance(value, float) else None)  # any float: finite
-            if rng is not None and not rng.allows(value):
-                raise ConfigError(f"{where}: '{key}' is {value!r}; use {rng.describe(isinstance(value, float))}")
-    _check_pairs(cfg, sources)
-
-
-def _check_choice(key: str, value: Any, allowed: tuple, where: str) -> None:
-    for item in value if isinstance(value, list) else [value]:
-        if item not in allowed:
-            near = difflib.get_close_matches(str(item), [str(a) for a in allowed], n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            what = f"has {item!r}" if isinstance(value, list) else f"is {item!r}"
-            raise ConfigError(f"{where}: '{key}' {what}; use one of {', '.join(map(repr, allowed))}{hint}")
-
-
-def _check_pairs(cfg: Config, sources: dict[str, str]) -> None:
-    def fail(key: str, message: str) -> typing.NoReturn:
-        raise ConfigError(f"{sources.get(key, 'defaults')}: '{key}' is {operator.attrgetter(key)(cfg)!r}; {message}")
-
-    a, p = cfg.audio, cfg.pseudolabel
-    if not a.f_min < a.f_max <= a.sample_rate / 2:
-        fail("audio.f_max", f"use more than audio.f_min ({a.f_min:g}) and at most half of audio.sample_rate "
-                            f"({a.sample_rate / 2:g})")
-    if p.init_points < p.k:  # k-means++ needs at least k points to start from
-        fail("pseudolabel.init_points", f"use at least pseudolabel.k ({p.k})")
-    if 0 < p.fit_points < p.k:
-        fail("pseudolabel.fit_points", f"use 0 (all clips) or at least pseudolabel.k ({p.k})")
-
-
-def _leaves(obj, prefix: str = ""):
-    """(dotted key, owning dataclass, field name, value) of every value in the config."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from _leaves(value, prefix + f.name + ".")
-        else:
-            yield prefix + f.name, obj, f.name, value
 
 
 def _all_keys(cls=Config, prefix: str = "") -> list[str]:

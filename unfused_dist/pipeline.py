@@ -2,44 +2,47 @@
 training stages under torchrun when run.nproc > 1; a stage whose done.json exists is skipped."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 from .artefacts import atomic_write_text, is_done
 from .config import Config
 from .errors import UnfusedError
+from .run_layout import RunLayout
+from .stage_table import table_of
+from .log import logger
 
-TRAINING = {"pretrain", "distill"}
+log = logger("pipeline")
+
 # Written in a stage dir by a stage that saved a checkpoint and stopped on a signal (Preempted): under
 # torchrun the exit code cannot tell that apart from a crash, since torchrun itself exits 1 on SIGTERM.
 STOPPED = "stopped.json"
 
 
 def stage_names(cfg: Config) -> list[str]:
-    return ["pretrain", "pseudolabel", "distill", *[f"finetune-{r}" for r in cfg.finetune.rows], "evaluate"]
+    return table_of(cfg).names(cfg)
 
 
 def stage_dir(cfg: Config, name: str) -> Path | None:
     """Where a stage's done.json lives (None: the stage always runs, e.g. the cheap report)."""
-    if name.startswith("finetune-"):
-        return cfg.run.path / "finetune" / name.split("-", 1)[1]
-    return None if name == "evaluate" else cfg.run.path / name
+    return RunLayout.of(cfg).stage(name)
 
 
 def run_stage(cfg: Config, name: str, reshard: bool = False) -> None:
     """Run one stage in this process (under torchrun, in every rank)."""
+    from .engine.distributed import launch_rank
     from .engine.preemption import Preempted
-    from .engine.trainer import TRAINER_OPTIONS
 
-    runner = _runner(name)
-    TRAINER_OPTIONS.reshard = reshard
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    runner = table_of(cfg).stage(name).load()
+    if reshard:  # this command only: the run dir's config.yaml keeps engine.reshard as it was
+        cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, reshard=True))
+    if launch_rank().world > 1:
         from .engine.distributed import init_distributed
         # The rank's device is chosen here, before any collective and before any stage code asks is_main()
         # (otherwise every rank would think it is rank 0). A single process starts its process group where a
@@ -50,31 +53,14 @@ def run_stage(cfg: Config, name: str, reshard: bool = False) -> None:
         runner(cfg)
     except Preempted as stop:
         d = stage_dir(cfg, name)
-        if d is not None and os.environ.get("RANK", "0") == "0":
+        if d is not None and launch_rank().rank == 0:
             atomic_write_text(d / STOPPED, json.dumps({"step": stop.step, "signal": stop.signal}))
         raise
 
 
-def _runner(name: str):
-    """The function that runs stage `name`. Only its own module is imported: every rank of every stage
-    imports it, and the others' imports (scikit-learn, matplotlib) cost seconds per process."""
-    from importlib import import_module
-
-    from .stages import finetune
-
-    if name.startswith("finetune-") and name.split("-", 1)[1] in finetune.ROWS:
-        return partial(finetune.run, row=name.split("-", 1)[1])
-    if name in ("pretrain", "pseudolabel", "distill", "evaluate"):
-        return import_module(f"{__package__}.stages.{name}").run
-    stages = ["pretrain", "pseudolabel", "distill", *[f"finetune-{row}" for row in finetune.ROWS], "evaluate"]
-    raise UnfusedError(f"unknown stage '{name}'; stages: {', '.join(stages)}, or 'pipeline'")
-
-
 def stage_command(cfg: Config, name: str, config_path: Path, reshard: bool = False) -> list[str]:
     cli = ["-m", "unfused_dist.cli", "run", name, "-c", str(config_path), *(["--reshard"] if reshard else [])]
-    # one process per rank for training and for the pseudo-labels (each rank embeds and labels its shards)
-    ranked = name in TRAINING or name == "pseudolabel" or (name.startswith("finetune-") and not name.endswith("_probe"))
-    if cfg.run.nproc > 1 and ranked:
+    if cfg.run.nproc > 1 and table_of(cfg).stage(name).ranked:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.run.nproc}",
                 *cli]
     return [sys.executable, *cli]
@@ -99,18 +85,18 @@ def run_pipeline(cfg: Config, config_path: Path, reshard: bool = False) -> None:
     for name in stage_names(cfg):
         d = stage_dir(cfg, name)
         if d is not None and is_done(d):
-            print(f"[pipeline] {name}: done already ({d / 'done.json'}), skipped")
+            log.info(f"{name}: done already ({d / 'done.json'}), skipped")
             summary.append((name, "skipped", 0.0))
             continue
         cmd = stage_command(cfg, name, config_path, reshard)
-        print(f"[pipeline] {name}: {' '.join(cmd[1:])}", flush=True)
+        log.info(f"{name}: {' '.join(cmd[1:])}")
         t0 = time.time()
         if d is not None:
             (d / STOPPED).unlink(missing_ok=True)  # only this attempt's stop counts
         rc, signalled = _run_forwarding_signals(cmd, {**os.environ, "PYTHONUNBUFFERED": "1"})
         if _stopped_after_saving(d, rc):
-            print(f"[pipeline] {name}: stopped by {signalled or 'a signal'} after saving a checkpoint; "
-                  "run the same command again to resume", flush=True)
+            log.info(f"{name}: stopped by {signalled or 'a signal'} after saving a checkpoint; "
+                     "run the same command again to resume")
             return
         if rc != 0 and signalled:
             raise UnfusedError(f"stage '{name}' was stopped by {signalled} before it saved a checkpoint (exit {rc}); "
@@ -119,12 +105,12 @@ def run_pipeline(cfg: Config, config_path: Path, reshard: bool = False) -> None:
             raise UnfusedError(f"stage '{name}' failed (exit {rc}); fix the error above and re-run the same "
                                "command: finished stages are skipped")
         if signalled:  # the stage finished as the signal came: start no other
-            print(f"[pipeline] {name}: finished; stopping on {signalled} before the next stage; run the same "
-                  "command again to go on", flush=True)
+            log.info(f"{name}: finished; stopping on {signalled} before the next stage; run the same "
+                     "command again to go on")
             return
         summary.append((name, "ran", time.time() - t0))
-    print("[pipeline] summary: " + ", ".join(f"{n} {s}{f' {t:.0f}s' if t else ''}" for n, s, t in summary)
-          + f"; total {time.time() - t_start:.0f}s; run dir {cfg.run.path}")
+    log.info("summary: " + ", ".join(f"{n} {s}{f' {t:.0f}s' if t else ''}" for n, s, t in summary)
+             + f"; total {time.time() - t_start:.0f}s; run dir {cfg.run.path}")
 
 
 def _stopped_after_saving(d: Path | None, rc: int) -> bool:

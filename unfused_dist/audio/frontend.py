@@ -19,6 +19,9 @@ class FrontendConfig:
     f_max: float = 7800.0
     crop_seconds: float = 0.95  # training and evaluation crop: 15,200 samples -> 96 frames
     eps: float = 1e-5
+    # clips from which each encoder's log-mel mean/std (stored with it) is estimated, for every stage that
+    # trains an encoder from scratch (pre-training, distillation, the scratch row)
+    norm_clips: int = 512
 
     @property
     def crop_samples(self) -> int:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ..engine.device import rank_device
 from ..errors import UnfusedError
+from ..log import logger
 
 BACKENDS = ("cpu", "gpu", "distributed")
 _SEARCH_CHUNK = 65536  # rows per search call: bounds the (chunk x k) distance matrix
@@ -110,7 +111,7 @@ def gpu_search_fn(gpus: int) -> tuple[Callable, str]:
     if rank_device().type != "cuda":
         raise UnfusedError("pseudolabel.backend=gpu but neither faiss-gpu nor a CUDA device (run.device) is "
                            "available; use backend cpu or distributed")
-    print("[kmeans] faiss-gpu is not installed: using the torch GPU implementation (one GPU)", file=sys.stderr)
+    logger("kmeans").warning("faiss-gpu is not installed: using the torch GPU implementation (one GPU)")
     return (lambda x, c: torch_search(x, c, rank_device())), "torch-gpu"
 
 

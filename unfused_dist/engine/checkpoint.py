@@ -20,7 +20,6 @@ import json
 import pickle
 import random
 import shutil
-import sys
 import zipfile
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from ..artefacts import atomic_write_text
 from ..errors import UnfusedError
 from .distributed import all_gather_object, barrier, is_main, rank_world
+from ..log import logger
 
 
 class ResumeError(UnfusedError, RuntimeError):
@@ -114,8 +114,8 @@ class Checkpoints:
             if problem is None:
                 mine.append(tag)
             elif is_main():
-                print(f"[checkpoint] WARNING: skipping {self.dir / tag}: {problem}; falling back to an older "
-                      "checkpoint", file=sys.stderr, flush=True)
+                logger("checkpoint").warning(f"skipping {self.dir / tag}: {problem}; falling back to an older "
+                                             "checkpoint")
         # every rank must load the same tag: the newest one all of them can read
         common = set.intersection(*(set(t) for t in all_gather_object(mine)))
         if not common:

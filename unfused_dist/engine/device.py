@@ -14,7 +14,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..config import CHOICES, RunConfig
+from ..config import RunConfig
+from ..config_rules import CHOICES
 from ..errors import ConfigError, UnfusedError
 
 DEVICES = CHOICES[RunConfig]["device"]
@@ -31,8 +32,9 @@ def gpus_allocated(env: dict[str, str] | None = None) -> bool:
     return on_node.isdigit() and int(on_node) > 0
 
 
-def choose_device(setting: str = "auto", local_rank: int | None = None) -> torch.device:
-    """The device for this process (pure: sets nothing). Raises with one line when it cannot be had."""
+def choose_device(setting: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device for the process of `local_rank` on its node (pure: sets nothing). Raises with one line when
+    it cannot be had."""
     if setting not in DEVICES:
         raise ConfigError(f"run.device is '{setting}'; use one of {', '.join(DEVICES)}")
     if setting == "cpu":
@@ -42,11 +44,10 @@ def choose_device(setting: str = "auto", local_rank: int | None = None) -> torch
             why = "run.device=cuda" if setting == "cuda" else "this job was given GPUs"
             raise UnfusedError(f"{why} but {NO_CUDA} (or set run.device=cpu to train on the CPU on purpose)")
         return torch.device("cpu")
-    local = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
-    if local >= torch.cuda.device_count():
-        raise UnfusedError(f"LOCAL_RANK {local} but this node shows {torch.cuda.device_count()} GPU(s): start at "
+    if local_rank >= torch.cuda.device_count():
+        raise UnfusedError(f"LOCAL_RANK {local_rank} but this node shows {torch.cuda.device_count()} GPU(s): start at "
                            "most one process per GPU (run.nproc, or SLURM's tasks per node)")
-    return torch.device("cuda", local)
+    return torch.device("cuda", local_rank)
 
 
 def bind(device: torch.device) -> None:

@@ -3,12 +3,28 @@ from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from .device import backend_for, bind, choose_device, rank_device
+
+
+@dataclass(frozen=True)
+class LaunchRank:
+    rank: int
+    local_rank: int
+    world: int
+
+
+def launch_rank() -> LaunchRank:
+    """What the launcher (torchrun, or SLURM through submitit) made this process, before any process group
+    exists: RANK, LOCAL_RANK and WORLD_SIZE from the environment (0, 0, 1 where absent). The one place
+    those variables are read; once a group exists, rank_world() answers."""
+    env = os.environ
+    return LaunchRank(int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1")))
 
 
 def init_distributed(device: str = "auto") -> tuple[int, int]:
@@ -25,7 +41,7 @@ def init_distributed(device: str = "auto") -> tuple[int, int]:
             # Not under torchrun, whose agent already serves the store at MASTER_PORT.
             os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("MASTER_PORT", "29500")
-        chosen = choose_device(device)
+        chosen = choose_device(device, launch_rank().local_rank)
         bind(chosen)  # before the process group: NCCL binds each rank to the current device
         import deepspeed
         if chosen.type == "cpu":

@@ -3,11 +3,11 @@ optimizer step count, saved in every checkpoint and continued after a resume."""
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
 from ..config import EngineConfig, OptimConfig
+from ..log import logger
 
 
 def build_optimizer(params, cfg: OptimConfig, engine: EngineConfig | None = None) -> torch.optim.Optimizer:
@@ -36,8 +36,7 @@ def _deepspeed_adam(params, cfg: OptimConfig, offload: bool):
         from deepspeed.ops.adam import FusedAdam
         return FusedAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, adam_w_mode=cfg.name == "adamw")
     except Exception as e:  # noqa: BLE001 - no compiler/CUDA toolkit on the node: still train
-        print(f"[optim] DeepSpeed's fused Adam is not available ({type(e).__name__}: {e}); using torch's",
-              file=sys.stderr)
+        logger("optim").warning(f"DeepSpeed's fused Adam is not available ({type(e).__name__}: {e}); using torch's")
         return None
 
 

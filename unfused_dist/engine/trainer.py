@@ -34,19 +34,11 @@ from .distributed import all_gather_object, all_reduce_max, average_buffers, bar
 from .dsconfig import deepspeed_config
 from .preemption import Preempted, PreemptionSignals
 from .schedule import build_optimizer, build_scheduler, restart_schedule
+from ..log import logger
 
 
 class DivergedError(UnfusedError, RuntimeError):
     """A NaN or infinite loss: training stops before that step updates or saves anything."""
-
-
-@dataclass
-class TrainerOptions:
-    """Per-invocation choices from the command line (not part of the run's config)."""
-    reshard: bool = False
-
-
-TRAINER_OPTIONS = TrainerOptions()
 
 
 @dataclass
@@ -58,8 +50,9 @@ class Progress:
 
 
 class Trainer:
-    """`reshard`: when the newest checkpoint was written by a different number of processes, start from its
-    consolidated fp32 weights at the beginning of its epoch (optimizer moments restart) instead of refusing."""
+    """`reshard` (default: engine.reshard): when the newest checkpoint was written by a different number of
+    processes, start from its consolidated fp32 weights at the beginning of its epoch (optimizer moments
+    restart) instead of refusing."""
 
     def __init__(self, module: nn.Module, engine_cfg: EngineConfig, optim_cfg: OptimConfig, micro_batch: int,
                  total_steps: int, ckpt_dir: Path, config_hash: str, desc: str, reshard: bool | None = None,
@@ -72,6 +65,7 @@ class Trainer:
         self.device = rank_device()
         place(module, self.device)  # before the optimizer is built on its parameters
         self.cfg, self.config_hash, self.desc = engine_cfg, config_hash, desc
+        self.log = logger(desc)
         self.checkpoints = Checkpoints(ckpt_dir, engine_cfg.keep_checkpoints)
         self.progress = Progress()
         self.data_layout: dict | None = None
@@ -85,7 +79,7 @@ class Trainer:
         # A resharded run's schedule starts at an offset, which its own later checkpoints keep.
         self.schedule_start = self._resume_from[1].get("schedule_start", 0) if self._resume_from else 0
         if self._resume_from and self._resume_from[1]["world_size"] != self.world:
-            if not (TRAINER_OPTIONS.reshard if reshard is None else reshard):
+            if not (engine_cfg.reshard if reshard is None else reshard):
                 self._refuse(*self._resume_from)
             self._reshard(module, *self._resume_from)
             self._resharded_from, self._resume_from = self._resume_from, None
@@ -225,8 +219,8 @@ class Trainer:
             self.save()
         if stop:
             if is_main():
-                print(f"[{self.desc}] stopping on {self.signals.received or 'a signal to another rank'} after "
-                      f"saving step {p.global_step}; run the same command again to resume", flush=True)
+                self.log.info(f"stopping on {self.signals.received or 'a signal to another rank'} after saving step "
+                              f"{p.global_step}; run the same command again to resume")
             raise Preempted(p.global_step, self.signals.received)
 
     def save(self) -> None:
@@ -270,7 +264,7 @@ class Trainer:
                 if name in mine.get("buffers", {}):  # checkpoints from before buffers were saved per rank lack them
                     b.copy_(mine["buffers"][name])
         if is_main():
-            print(f"[{self.desc}] resumed from {where} (epoch {p.epoch}, step {p.global_step})", flush=True)
+            self.log.info(f"resumed from {where} (epoch {p.epoch}, step {p.global_step})")
 
     def _refuse(self, tag: str, meta: dict) -> None:
         raise ResumeError(f"{self.checkpoints.dir / tag}: saved by {meta['world_size']} processes, now {self.world}; "
@@ -303,8 +297,8 @@ class Trainer:
         barrier()  # every rank has read `tag`
         if is_main():
             self.checkpoints.retag(tag, p.global_step)
-            print(f"[{self.desc}] resharded {self.checkpoints.dir / tag} from {meta['world_size']} to {self.world} "
-                  f"processes: restarting epoch {p.epoch} at step {p.global_step}", flush=True)
+            self.log.info(f"resharded {self.checkpoints.dir / tag} from {meta['world_size']} to {self.world} "
+                          f"processes: restarting epoch {p.epoch} at step {p.global_step}")
         barrier()
         self._saved_step = p.global_step  # the retagged checkpoint's step
 

@@ -10,9 +10,7 @@ tests) in one process would otherwise collide on the metric names.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import socket
 import sys
@@ -24,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollecto
 from ..artefacts import atomic_write_text
 from ..config import Config, MetricsConfig, RunConfig
 from ..errors import UnfusedError
+from ..run_layout import RunLayout
 
 LABELS = ("stage", "rank", "job")
 # Bind addresses that mean "every interface".
@@ -207,14 +206,17 @@ def stage_metrics(cfg: Config, stage: str) -> Metrics:
     """start_exporter for a pipeline stage in this process: rank and local rank from torchrun's environment
     (0 when absent), job = job_label(cfg), target files in metrics.targets_dir or RUN/metrics/targets, named
     after the run directory too, so runs sharing metrics.targets_dir neither replace nor remove each other's."""
-    targets = Path(cfg.metrics.targets_dir) if cfg.metrics.targets_dir else cfg.run.path / "metrics" / "targets"
-    return start_exporter(cfg.metrics, stage, int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+    targets = RunLayout.of(cfg).metrics_targets(cfg.metrics.targets_dir)
+    from ..engine.distributed import launch_rank
+
+    me = launch_rank()
+    return start_exporter(cfg.metrics, stage, me.rank, me.local_rank,
                           job_label(cfg), targets, run_key=run_key(cfg))
 
 
 def run_key(cfg: Config) -> str:
     """8 hex digits of the resolved run directory: the same for every job (and restart) of a run."""
-    return hashlib.sha1(str(cfg.run.path.resolve()).encode()).hexdigest()[:8]
+    return RunLayout.of(cfg).key
 
 
 def job_label(cfg: Config) -> str:

@@ -63,7 +63,7 @@ def embed_split(encoder: AudioNTT, features: Features, source: ShardSource, cfg:
     place(features, device)
     stream = ShardStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), seed=0, shuffle=False,
                          workers=cfg.data.num_workers)
-    loader = make_loader(stream, cfg.pseudolabel.batch_size)
+    loader = make_loader(stream, cfg.data.eval_batch_size)
     keys, embs, labels = [], [], []
     with tqdm(total=sum(source.counts), desc=desc, unit="clip", disable=not is_main(), dynamic_ncols=True) as bar:
         for wave, label, key in loader:

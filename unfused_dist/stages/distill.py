@@ -10,6 +10,7 @@ from torch import nn
 
 from ..artefacts import is_done, read_done, reset
 from ..audio.augment import Augmenter
+from ..run_layout import RunLayout
 from ..config import Config, DistillConfig
 from ..data.loader import ShardSource
 from ..models.encoder import AudioNTT
@@ -83,12 +84,13 @@ def _read_json(path: Path, redo: str) -> dict:
 
 
 def run(cfg: Config) -> None:
-    labels = pseudo_labels(cfg.run.path / "pseudolabel", ShardSource(split_dir(cfg, "train")))
-    out = cfg.run.path / "distill"
+    layout = RunLayout.of(cfg)
+    labels = pseudo_labels(layout.stage("pseudolabel"), ShardSource(split_dir(cfg, "train")))
+    out = layout.stage("distill")
     reset(out)
     c = cfg.distill
     source = ShardSource(split_dir(cfg, "train"), labels_dir=labels)
-    mean, std = norm_stats(ShardSource(split_dir(cfg, "train")), cfg.audio, cfg.pretrain.norm_clips)
+    mean, std = norm_stats(ShardSource(split_dir(cfg, "train")), cfg.audio, cfg.audio.norm_clips)
     torch.manual_seed(cfg.run.seed + 1)
     module = DistillModule(AudioNTT(n_fc=c.n_fc, n_mels=cfg.audio.n_mels), Features(cfg.audio, mean, std),
                            cfg.pseudolabel.k, c, cfg.run.seed)

@@ -3,6 +3,7 @@ and write results.json, results.md and PNG plots in the run directory."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ..artefacts import atomic_write_text, is_done
 from ..audio.frontend import LogMel
+from ..run_layout import RunLayout
 from ..config import Config
 from ..errors import MissingArtefactError
 from ..data.loader import ShardSource, ShardStream, make_loader
@@ -21,28 +23,28 @@ from .common import labelled_subset, split_dir
 
 
 def run(cfg: Config) -> dict:
-    root = cfg.run.path
+    layout = RunLayout.of(cfg)
     rows = []
     for row in cfg.finetune.rows:
-        d = root / "finetune" / row
+        d = layout.row(row)
         if not is_done(d):
             raise MissingArtefactError(f"{d}: row '{row}' has not finished; run `unfused run finetune-{row}` "
                                        "(or the pipeline) with this config first")
         rows.append(json.loads((d / "metrics.json").read_text()))
     train = ShardSource(split_dir(cfg, "train"))
     classes = len(train.manifest.labels or [])
-    pl = root / "pseudolabel" / "report.json"
+    pl = layout.pseudolabel_report
     results = {"task": cfg.data.task, "classes": classes, "chance": 1 / max(classes, 1), "rows": rows,
                "baseline": simple_baseline(cfg), "config_hash": cfg.hash(),
                "pseudolabels": {k: v for k, v in json.loads(pl.read_text()).items()
                                 if k in ("k", "nmi_vs_true_labels", "purity", "points")} if pl.exists() else None}
-    atomic_write_text(root / "results.json", json.dumps(results, indent=1))
+    atomic_write_text(layout.results("json"), json.dumps(results, indent=1))
     table = results_markdown(results)
-    atomic_write_text(root / "results.md", table)
-    plot_accuracies(results, root / "results.png")
-    plot_losses({"pretrain": root / "pretrain" / "history.json", "distill": root / "distill" / "history.json",
-                 "unfused_finetune": root / "finetune" / "unfused_finetune" / "history.json"}, root / "losses.png")
-    print(table)
+    atomic_write_text(layout.results("md"), table)
+    plot_accuracies(results, layout.results("png"))
+    plot_losses({"pretrain": layout.history("pretrain"), "distill": layout.history("distill"),
+                 "unfused_finetune": layout.history("finetune-unfused_finetune")}, layout.losses_plot)
+    sys.stdout.write(table + "\n")  # the report itself: the command's output, not a log message
     return results
 
 

@@ -22,19 +22,12 @@ from ..engine.precision import fp32
 from ..engine.trainer import Trainer, write_history
 from ..metrics.exporter import stage_metrics
 from ..models.encoder import AudioNTT, count_parameters
+from ..run_layout import RunLayout
+from ..stage_table import Row
 from ..data.transforms import eval_transform, train_transform
 from .common import Features, embed_split, labelled_subset, norm_stats, split_dir, epoch_batches, tensor_batches, \
     training_stream
-
-# row -> (stage whose encoder initialises it, or None for random init; full fine-tuning or linear probe).
-# config.CHOICES lists the same rows, so that a misspelt finetune.rows fails when the config loads.
-ROWS = {
-    "scratch": (None, "finetune"),
-    "teacher_probe": ("pretrain", "probe"),
-    "teacher_finetune": ("pretrain", "finetune"),
-    "unfused_probe": ("distill", "probe"),
-    "unfused_finetune": ("distill", "finetune"),
-}
+from ..log import logger
 
 
 class Classifier(TrainModule):
@@ -65,20 +58,20 @@ class LinearProbe(TrainModule):
             return F.cross_entropy(z.float(), y), {"acc": (z.argmax(1) == y).float().mean()}
 
 
-def run(cfg: Config, row: str) -> None:
-    if row not in ROWS:
-        raise UnfusedError(f"finetune row '{row}' is not one of {', '.join(ROWS)}")
-    out = cfg.run.path / "finetune" / row
+def run(cfg: Config, row: Row) -> None:
+    """Row `row` of the results table (its stage in stage_table.py: finetune-<row>)."""
+    layout = RunLayout.of(cfg)
+    out = layout.row(row.name)
     # A row restarts rather than resumes: its model selection (best validation epoch) lives in memory.
     reset(out, keep_checkpoints=False)
-    init, mode = ROWS[row]
+    init, mode = row.init, row.mode
     train_full = ShardSource(split_dir(cfg, "train"))
     torch.manual_seed(cfg.run.seed + 2)  # every row: its head (and scratch's encoder) from a fixed seed
     if init is None:
         encoder = AudioNTT(n_fc=cfg.distill.n_fc, n_mels=cfg.audio.n_mels)
-        mean, std = norm_stats(train_full, cfg.audio, cfg.pretrain.norm_clips)
+        mean, std = norm_stats(train_full, cfg.audio, cfg.audio.norm_clips)
     else:
-        encoder, meta = load_encoder(cfg.run.path / init)
+        encoder, meta = load_encoder(layout.stage(init))
         mean, std = meta["norm_mean"], meta["norm_std"]
     features = Features(cfg.audio, mean, std)
     train = labelled_subset(train_full, cfg.finetune.labels_per_class, cfg.run.seed)
@@ -89,14 +82,14 @@ def run(cfg: Config, row: str) -> None:
     run_fn = _probe if mode == "probe" else _finetune
     result, progress = run_fn(cfg, encoder, features, train, n_classes, out)
     if is_main():
-        result.update({"row": row, "init": init or "random", "mode": mode, "train_clips": sum(train.counts),
+        result.update({"row": row.name, "init": init or "random", "mode": mode, "train_clips": sum(train.counts),
                        "encoder_parameters": count_parameters(encoder),
                        "parameters": count_parameters(encoder) + encoder.dim * n_classes + n_classes})
         atomic_write_text(out / "metrics.json", json.dumps(result, indent=1))
         write_history(progress, out / "history.json")
         mark_done(out, result)
-        print(f"[finetune {row}] val {result['val_acc']:.3f} (epoch {result['best_epoch']}), "
-              f"test {result['test_acc']:.3f}")
+        logger(f"finetune {row.name}").info(f"val {result['val_acc']:.3f} (epoch {result['best_epoch']}), "
+                                            f"test {result['test_acc']:.3f}")
 
 
 def _finetune(cfg, encoder, features, train, n_classes, out):
@@ -181,7 +174,7 @@ def accuracy(model: Classifier, split: str, cfg: Config) -> float:
     device = next(model.parameters()).device
     correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device, read once
     total = 0
-    for wave, label, _ in make_loader(stream, cfg.pseudolabel.batch_size):
+    for wave, label, _ in make_loader(stream, cfg.data.eval_batch_size):
         wave, label = to_device((wave, label), device)
         correct += (model.logits(wave).argmax(1) == label).sum()
         total += len(label)

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..artefacts import reset
 from ..audio.augment import Augmenter
+from ..run_layout import RunLayout
 from ..config import Config, ConfigError, PretrainConfig
 from ..data.loader import ShardSource
 from ..models.encoder import AudioNTT
@@ -77,11 +78,11 @@ def run(cfg: Config) -> None:
     if cfg.engine.zero_stage == 3:  # before reset(): a refused command must not clear a half-finished stage
         raise ConfigError("engine.zero_stage=3 partitions parameters, which the SSL momentum encoder update "
                           "cannot read; use zero_stage 0, 1 or 2 for pretrain")
-    out = cfg.run.path / "pretrain"
+    out = RunLayout.of(cfg).stage("pretrain")
     reset(out)
     c = cfg.pretrain
     source = ShardSource(cfg.data.pool)
-    mean, std = norm_stats(source, cfg.audio, c.norm_clips)
+    mean, std = norm_stats(source, cfg.audio, cfg.audio.norm_clips)
     torch.manual_seed(cfg.run.seed)
     encoder = AudioNTT(n_fc=c.n_fc, n_mels=cfg.audio.n_mels)
     module = SSLModule(encoder, Features(cfg.audio, mean, std), c, cfg.run.seed)

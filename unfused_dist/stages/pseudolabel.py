@@ -32,15 +32,16 @@ from ..engine.device import place, rank_device, to_device
 from ..engine.export import load_encoder, sha256_of
 from ..errors import UnfusedError
 from ..metrics.exporter import stage_metrics
+from ..run_layout import RunLayout
 from .common import Features, split_dir
+from ..log import logger
+
+log = logger("pseudolabel")
 
 
 def labels_dir(cfg: Config) -> Path:
-    """labels/<RUN>/ inside the target's training split, as the data contract says. <RUN> is the run folder's
-    name plus a short hash of its absolute path: two runs whose folders share a name (a/run, b/run) on one
-    dataset must never write, or read, each other's label shards."""
-    run = cfg.run.path.resolve()
-    return split_dir(cfg, "train") / "labels" / f"{run.name}-{hashlib.sha256(str(run).encode()).hexdigest()[:8]}"
+    """Where this run's label shards go (RunLayout.labels: inside the target's training split)."""
+    return RunLayout.of(cfg).labels(split_dir(cfg, "train"))
 
 
 def shards_digest(source: ShardSource) -> str:
@@ -68,11 +69,11 @@ def embed(cfg: Config, part: int | None = None, parts: int | None = None) -> int
     c = cfg.pseudolabel
     source = ShardSource(split_dir(cfg, "train"))
     check_k(cfg, source)
-    teacher, meta = load_encoder(cfg.run.path / "pretrain")
+    teacher, meta = load_encoder(RunLayout.of(cfg).stage("pretrain"))
     device = rank_device()  # the GPU this rank's job holds, when it has one
     place(teacher, device).eval()
     features = place(Features(cfg.audio, meta["norm_mean"], meta["norm_std"]), device)
-    directory = cfg.run.path / "pseudolabel" / "embeddings"
+    directory = RunLayout.of(cfg).embeddings
     # every array task prepares (parts != world: each is a process group of its own); prepare is safe to
     # run concurrently. Which audio shards the embeddings came from is checked per shard (dump.is_dumped).
     if is_main() or parts != world:
@@ -86,14 +87,14 @@ def embed(cfg: Config, part: int | None = None, parts: int | None = None) -> int
         return out.embedding if c.layer == "final" else out.blocks[0]
 
     return dump.dump(embed_batch, source, my_shards(len(source.counts), part, parts), directory, transform,
-                     cfg.data.num_workers, c.batch_size, progress=is_main(),
+                     cfg.data.num_workers, cfg.data.eval_batch_size, progress=is_main(),
                      desc=f"pseudolabel: embed (part {part + 1}/{parts})")
 
 
 def run(cfg: Config) -> None:
     """The whole stage, in every rank of this process group."""
     if is_main():
-        reset(cfg.run.path / "pseudolabel")  # keeps embeddings/: the dump validates itself shard by shard
+        reset(RunLayout.of(cfg).stage("pseudolabel"))  # keeps embeddings/: the dump validates itself shard by shard
     barrier()
     embed(cfg)
     barrier()
@@ -109,7 +110,7 @@ def fit(cfg: Config) -> None:
     """Steps 2-3 over a finished dump: PCA-whitening and initial centroids on rank 0, Lloyd on rank 0 (cpu,
     gpu) or on every rank (distributed); writes pca.npz and centroids.npy (+ fit.json)."""
     rank, world = init_distributed(cfg.run.device)
-    c, out = cfg.pseudolabel, cfg.run.path / "pseudolabel"
+    c, out = cfg.pseudolabel, RunLayout.of(cfg).stage("pseudolabel")
     source = ShardSource(split_dir(cfg, "train"))
     store = dump.EmbeddingStore(out / "embeddings", source)
     if is_main():
@@ -118,8 +119,8 @@ def fit(cfg: Config) -> None:
         whitening.save(out / "pca.npz")
         init = init_centroids(whitening.apply(store.sample(c.init_points, cfg.run.seed + 1)), c.k, cfg.run.seed,
                               c.init)
-        print(f"[pseudolabel] {store.total} clips; PCA-whitening to {c.pca_dim} dims fitted on {len(pca_sample)} "
-              f"clips; {c.init} init on {min(c.init_points, store.total)} clips", flush=True)
+        log.info(f"{store.total} clips; PCA-whitening to {c.pca_dim} dims fitted on {len(pca_sample)} clips; "
+                 f"{c.init} init on {min(c.init_points, store.total)} clips")
     whitening, init = broadcast_object((whitening, init) if is_main() else None)
     fit_n = min(c.fit_points or store.total, c.k * c.max_points_per_centroid, store.total)
     search, backend = search_fn(c.backend, c.gpus)
@@ -144,7 +145,7 @@ def assign(cfg: Config, part: int | None = None, parts: int | None = None) -> No
     writes their label shards and, per shard, the cluster ids (for the report)."""
     rank, world = init_distributed(cfg.run.device)
     part, parts = (rank, world) if part is None else (part, parts)
-    c, out = cfg.pseudolabel, cfg.run.path / "pseudolabel"
+    c, out = cfg.pseudolabel, RunLayout.of(cfg).stage("pseudolabel")
     source = ShardSource(split_dir(cfg, "train"))
     store = dump.EmbeddingStore(out / "embeddings", source)
     whitening = Whitening.load(out / "pca.npz")
@@ -161,7 +162,7 @@ def assign(cfg: Config, part: int | None = None, parts: int | None = None) -> No
 
 def finish(cfg: Config) -> None:
     """Step 5 (one process): checks every shard was labelled, writes meta.json, the report, the plot, done."""
-    out = cfg.run.path / "pseudolabel"
+    out = RunLayout.of(cfg).stage("pseudolabel")
     source = ShardSource(split_dir(cfg, "train"))
     store = dump.EmbeddingStore(out / "embeddings", source)
     parts = []
@@ -179,7 +180,7 @@ def finish(cfg: Config) -> None:
 
 def _report(cfg: Config, out: Path, ldir: Path, fitted: dict, ids: np.ndarray, true: np.ndarray) -> None:
     c = cfg.pseudolabel
-    _, meta = load_encoder(cfg.run.path / "pretrain")
+    _, meta = load_encoder(RunLayout.of(cfg).stage("pretrain"))
     sizes = np.bincount(ids, minlength=c.k)
     total = len(ids)
     labelled = bool(total) and bool((true >= 0).all())
@@ -196,9 +197,9 @@ def _report(cfg: Config, out: Path, ldir: Path, fitted: dict, ids: np.ndarray, t
     atomic_write_text(ldir / "meta.json", json.dumps(report, indent=1))
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     _plot_sizes(sizes, out / "cluster_sizes.png", report)
-    print(f"[pseudolabel] {total} clips -> K={c.k} ({fitted['backend']}, fit on {fitted['fit_points']}), objective "
-          f"{fitted['objective'][-1]:.2f}, clusters {sizes.min()}..{sizes.max()} clips, NMI vs true labels "
-          f"{report['nmi_vs_true_labels']}, purity {report['purity']}", flush=True)
+    log.info(f"{total} clips -> K={c.k} ({fitted['backend']}, fit on {fitted['fit_points']}), objective "
+             f"{fitted['objective'][-1]:.2f}, clusters {sizes.min()}..{sizes.max()} clips, NMI vs true labels "
+             f"{report['nmi_vs_true_labels']}, purity {report['purity']}")
 
 
 def _nmi(true: np.ndarray, ids: np.ndarray) -> float:
