@@ -51,7 +51,7 @@ def synthetic_corpus(root: Path, clips: int, classes: int, seconds: float = 2.0)
 def measure(stage: str, split: Path, out: Path, batch: int, steps: int, warmup: int, precision: str,
             workers: int, classes: int) -> dict:
     from unfused_dist.config import load_config
-    from unfused_dist.data.loader import ShardSource
+    from unfused_dist.data.source import ShardSource
     from unfused_dist.data.transforms import train_transform
     from unfused_dist.engine.device import rank_device
     from unfused_dist.models.encoder import AudioNTT

@@ -11,7 +11,7 @@ same per-clip work in every setup, for each shard codec (FLAC and WAV):
   (what the training's workers actually do).
 
   (1) shards: `unfused-shards build CLIPS OUT --codec C --shard-samples 200`, read with the project's
-      ShardStream (shuffle, buffer 1000, exact per-lane batches) + make_loader: W DataLoader workers.
+      TrainingStream (shuffle, buffer 1000, exact per-lane batches) + make_loader: W DataLoader workers.
   (2) per-file: a map-style torch Dataset over the clips as individual files of the same codec (bytes
       identical to the shard members), DataLoader(W workers, shuffle=True, same batch size). After the
       warm-up epoch every file is in the page cache: this baseline reads no disk, as a dataset that fits
@@ -50,7 +50,11 @@ from _common import (SINGLE_THREAD_ENV, CpuWitness, Workspace, build_supports_co
 
 from unfused_dist.audio.frontend import FrontendConfig, LogMel  # noqa: E402
 from unfused_dist.audio.io import encode_audio  # noqa: E402
-from unfused_dist.data.loader import WORKER_CONTEXT, PositionRng, ShardSource, ShardStream, make_loader  # noqa: E402
+from unfused_dist.data.loader import make_loader  # noqa: E402
+from unfused_dist.data.order import PositionRng  # noqa: E402
+from unfused_dist.data.source import ShardSource  # noqa: E402
+from unfused_dist.data.stream import TrainingStream  # noqa: E402
+from unfused_dist.data.workers import WORKER_CONTEXT  # noqa: E402
 from unfused_dist.data.shards import RawSample  # noqa: E402
 from unfused_dist.data.transforms import RandomCrop, train_transform  # noqa: E402
 
@@ -168,10 +172,10 @@ def drain(loader) -> int:
 
 
 def shards_epochs(split_dir: Path, transform, args):
-    """The project's training path: ShardStream + make_loader, made once, its workers persisting across
+    """The project's training path: TrainingStream + make_loader, made once, its workers persisting across
     epochs (as training does)."""
-    stream = ShardStream(ShardSource(split_dir), transform, seed=SEED, shuffle=True, rank=0, world=1,
-                         workers=args.workers, batch_size=args.batch_size, shuffle_buffer=SHUFFLE_BUFFER)
+    stream = TrainingStream(ShardSource(split_dir), transform, seed=SEED, shuffle=True, rank=0, world=1,
+                            workers=args.workers, batch_size=args.batch_size, shuffle_buffer=SHUFFLE_BUFFER)
     loader = make_loader(stream)
     first_waits, epoch_seconds = [], []
 

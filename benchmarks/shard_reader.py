@@ -4,7 +4,7 @@
       Python's `tarfile` reading the same shards (`extractfile(member).read()` for every member);
   (2) header checksums: `shards._byte_sum_mod` (zlib.adler32, in C) against Python's `sum()` over the
       header's bytes, the check the reader made before;
-  (3) shuffling: the loader's `_buffer_shuffle` (random draws 1,024 at a time) against the same buffer
+  (3) shuffling: the loader's `buffer_shuffle` (random draws 1,024 at a time) against the same buffer
       shuffle drawing one `Generator.integers` per item, as the loader did before.
 
 The shards come from `unfused-shards build` over synthesized 1 s clips (default 2,000, 200 a shard, FLAC),
@@ -25,7 +25,7 @@ import numpy as np
 from _common import Workspace, ratio, table
 from loader import SEED, SHUFFLE_BUFFER, build_shards, synthesize_clips
 
-from unfused_dist.data.loader import _buffer_shuffle  # noqa: E402
+from unfused_dist.data.order import buffer_shuffle  # noqa: E402
 from unfused_dist.data.shards import _byte_sum_mod, iter_shard  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def check_sum(blocks: list[bytes]) -> int:
 
 
 def shuffle_ours(n: int) -> int:
-    return sum(1 for _ in _buffer_shuffle(range(n), SHUFFLE_BUFFER, np.random.default_rng(SEED)))
+    return sum(1 for _ in buffer_shuffle(range(n), SHUFFLE_BUFFER, np.random.default_rng(SEED)))
 
 
 def shuffle_per_item_draw(n: int, size: int = SHUFFLE_BUFFER, initial: int = 64) -> int:

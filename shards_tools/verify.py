@@ -29,7 +29,7 @@ from shards_tools.build import RECORDS_DIR
 from shards_tools.mixing import Mix, add_sample, split_mixes
 from shards_tools.sources import builder_label_orders
 from unfused_dist.audio.io import AudioDecodeError, decode_audio
-from unfused_dist.data.loader import label_shard_name
+from unfused_dist.data.source import label_shard_name
 from unfused_dist.data.manifest import (MANIFEST_NAME, SHARD_GLOB, DatasetManifest, ManifestError, ShardInfo,
                                         find_split_dirs, sha256_file)
 

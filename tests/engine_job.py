@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from unfused_dist.config import EngineConfig, OptimConfig
-from unfused_dist.data.loader import ShardSource, ShardStream, make_loader
+from unfused_dist.data.loader import make_loader
+from unfused_dist.data.source import ShardSource
+from unfused_dist.data.stream import TrainingStream
 from unfused_dist.engine.export import full_state_dict
 from unfused_dist.engine.module import TrainModule
 from unfused_dist.engine.trainer import Trainer, write_history
@@ -88,8 +90,8 @@ def main() -> None:
     out = Path(args.out)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
-    stream = ShardStream(ShardSource(args.data), crop if args.module == "distill" else transform, seed=3, shuffle=True, rank=rank, world=world,
-                         workers=2, batch_size=4, shuffle_buffer=8)
+    stream = TrainingStream(ShardSource(args.data), crop if args.module == "distill" else transform, seed=3, shuffle=True, rank=rank, world=world,
+                            workers=2, batch_size=4, shuffle_buffer=8)
     steps = stream.batches_per_epoch()
     engine = EngineConfig(zero_stage=args.zero, save_every_steps=args.save_every, save_every_minutes=0,
                           keep_checkpoints=args.keep, grad_accum=args.grad_accum)

@@ -6,15 +6,19 @@ import torch
 from conftest import build_noise_dataset
 
 from unfused_dist.data.batchpool import BatchPool, collate
-from unfused_dist.data.loader import ShardSource, ShardStream, make_loader
+from unfused_dist.data.loader import make_loader
+from unfused_dist.data.source import ShardSource
+from unfused_dist.data.stream import EvaluationStream, TrainingStream
 from unfused_dist.data.transforms import CentreCrop
 
 CROP = CentreCrop(800, 16000)  # (the clip's middle 800 samples, label id, key): what each key must bring
 
 
 def _stream(split, workers, batch_size=None):
-    return ShardStream(ShardSource(split), CROP, seed=3, shuffle=True, workers=workers, batch_size=batch_size,
-                       shuffle_buffer=4)
+    if batch_size is None:  # an evaluation stream: every sample once
+        return EvaluationStream(ShardSource(split), CROP, seed=3, shuffle=True, workers=workers, shuffle_buffer=4)
+    return TrainingStream(ShardSource(split), CROP, seed=3, shuffle=True, workers=workers, batch_size=batch_size,
+                          shuffle_buffer=4)
 
 
 def _check_rows(batches, expected):

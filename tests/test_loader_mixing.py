@@ -11,7 +11,9 @@ import soundfile as sf
 from shards_tools.build import build
 from shards_tools.mixing import expected_distinct
 from unfused_dist.config import DataConfig
-from unfused_dist.data.loader import ShardSource, ShardStream, make_loader
+from unfused_dist.data.loader import make_loader
+from unfused_dist.data.source import ShardSource
+from unfused_dist.data.stream import TrainingStream
 from unfused_dist.data.shards import iter_shard
 from unfused_dist.data.transforms import RandomCrop
 
@@ -41,8 +43,8 @@ def sorted_split(tmp_path_factory):
 
 
 def _batches(split, workers: int, epoch: int):
-    stream = ShardStream(ShardSource(split), _crop_label_key, seed=0, shuffle=True, workers=workers,
-                         batch_size=BATCH, shuffle_buffer=DataConfig().shuffle_buffer)
+    stream = TrainingStream(ShardSource(split), _crop_label_key, seed=0, shuffle=True, workers=workers,
+                            batch_size=BATCH, shuffle_buffer=DataConfig().shuffle_buffer)
     stream.set_position(epoch, 0)
     return list(make_loader(stream))
 
@@ -89,10 +91,10 @@ def test_every_training_row_is_its_clips_audio_and_label(sorted_split, workers):
 def test_a_position_saved_under_the_old_ordering_rules_is_refused(sorted_split):
     """Before issue 18 the buffer yielded early and batches were not mixed across workers: the same position
     lands on other samples now, so a resume from such a checkpoint must be refused, saying why."""
-    from unfused_dist.data.loader import ORDER_VERSION, LoaderStateError
+    from unfused_dist.data.stream import ORDER_VERSION, LoaderStateError
     from unfused_dist.engine.trainer import _layout_change
 
-    stream = ShardStream(ShardSource(sorted_split), _crop_label_key, seed=0, shuffle=True, workers=2, batch_size=8)
+    stream = TrainingStream(ShardSource(sorted_split), _crop_label_key, seed=0, shuffle=True, workers=2, batch_size=8)
     old = {k: v for k, v in stream.state_dict().items() if k != "order_version"}
     with pytest.raises(LoaderStateError, match=f"order_version None -> {ORDER_VERSION}"):
         stream.load_state_dict(old)

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from conftest import build_noise_dataset, read_tar, write_tar
 
-from unfused_dist.data.loader import LoaderStateError, PositionRng, ShardSource, ShardStream, make_loader
+from unfused_dist.data.loader import make_loader
+from unfused_dist.data.order import PositionRng
+from unfused_dist.data.source import ShardSource
+from unfused_dist.data.stream import LoaderStateError, TrainingStream
 from unfused_dist.data.shards import ShardError
 
 
@@ -24,8 +27,8 @@ def _key_and_audio_draw(sample, rng):
 
 def _stream(split, rank=0, world=1, workers=2, batch_size=1, transform=_key_and_audio_draw, shuffle_buffer=4,
             **kw):
-    return ShardStream(ShardSource(split), transform, seed=7, shuffle=True, rank=rank, world=world,
-                       workers=workers, batch_size=batch_size, shuffle_buffer=shuffle_buffer, **kw)
+    return TrainingStream(ShardSource(split), transform, seed=7, shuffle=True, rank=rank, world=world,
+                          workers=workers, batch_size=batch_size, shuffle_buffer=shuffle_buffer, **kw)
 
 
 def _epoch(stream, epoch, start=0):
@@ -98,7 +101,7 @@ def test_a_changed_layout_is_refused(tone_dataset, tmp_path):
     np.testing.assert_equal(_stream(split).state_dict(), state)
     with pytest.raises(LoaderStateError, match="shuffle_buffer 4 -> 64"):
         _stream(split, shuffle_buffer=64).load_state_dict(state)
-    unshuffled = ShardStream(ShardSource(split), _key_and_draw, seed=7, shuffle=False, workers=2, batch_size=1)
+    unshuffled = TrainingStream(ShardSource(split), _key_and_draw, seed=7, shuffle=False, workers=2, batch_size=1)
     with pytest.raises(LoaderStateError, match="shuffle True -> False"):
         unshuffled.load_state_dict(state)
     # the same number of shards, rebuilt with other sizes: positions would land on other samples
@@ -193,7 +196,7 @@ def test_bad_samples_at_the_end_of_a_range_take_its_first_good_sample(tmp_path, 
     split = build_noise_dataset(tmp_path, 6, shard_samples=3)
     corrupt_audio(split / "audio-000000.tar", 0)
     corrupt_audio(split / "audio-000001.tar", 2)  # the last of the epoch: nothing after it
-    stream = ShardStream(ShardSource(split), _key_and_audio_draw, seed=7, shuffle=False, workers=0, batch_size=2)
+    stream = TrainingStream(ShardSource(split), _key_and_audio_draw, seed=7, shuffle=False, workers=0, batch_size=2)
     keys = [k for b in make_loader(stream) for k in b[0]]
     assert keys == ["c001", "c001", "c002", "c003", "c004", "c001"]
 
@@ -226,10 +229,12 @@ def test_workers_freeze_what_they_inherit_out_of_the_collectors_reach(tone_datas
 
 _HOLD_A_LOADER = """
 import sys, time
-from unfused_dist.data.loader import ShardSource, ShardStream, make_loader
+from unfused_dist.data.loader import make_loader
+from unfused_dist.data.source import ShardSource
+from unfused_dist.data.stream import TrainingStream
 from unfused_dist.data.transforms import CentreCrop
-stream = ShardStream(ShardSource(sys.argv[1]), CentreCrop(1600, 16000), seed=0, shuffle=True, workers=2,
-                     batch_size=1)
+stream = TrainingStream(ShardSource(sys.argv[1]), CentreCrop(1600, 16000), seed=0, shuffle=True, workers=2,
+                        batch_size=1)
 loader = make_loader(stream)
 next(iter(loader))
 print(*[w.pid for w in loader._iterator._workers], flush=True)
@@ -244,7 +249,7 @@ def test_workers_end_when_the_training_process_is_killed(tone_dataset):
     import sys
     import time
 
-    from unfused_dist.data.loader import _alive
+    from unfused_dist.data.workers import _alive
 
     proc = subprocess.Popen([sys.executable, "-c", _HOLD_A_LOADER, str(tone_dataset / "train")],
                             stdout=subprocess.PIPE, text=True)
@@ -336,8 +341,8 @@ def test_unreadable_json_is_a_bad_sample_parsed_only_by_the_lane_that_delivers_i
     write_tar(shard, [(n, b"{not json" if n == f"{bad}.json" else d) for n, d in members])
 
     def stream(rank, bad_samples="skip"):
-        return ShardStream(ShardSource(split), _label_of, seed=0, shuffle=False, rank=rank, world=3, batch_size=4,
-                           bad_samples=bad_samples)
+        return TrainingStream(ShardSource(split), _label_of, seed=0, shuffle=False, rank=rank, world=3, batch_size=4,
+                              bad_samples=bad_samples)
 
     streams = [stream(rank) for rank in range(3)]
     delivered = [[k for k, _ in s] for s in streams]
@@ -377,7 +382,7 @@ def test_json_that_is_no_object_or_whose_label_is_no_text_is_a_bad_sample(tone_d
     members = read_tar(shard)
     bad = members[0][0].split(".")[0]
     write_tar(shard, [(n, json_bytes if n == f"{bad}.json" else d) for n, d in members])
-    stream = ShardStream(ShardSource(split), _label_of, seed=0, shuffle=False, batch_size=4)
+    stream = TrainingStream(ShardSource(split), _label_of, seed=0, shuffle=False, batch_size=4)
     delivered = [k for k, _ in stream]
     assert len(delivered) == 12 and bad not in delivered and stream.bad_count == 1
 
@@ -389,8 +394,8 @@ def test_a_resume_over_another_subset_of_keys_with_the_same_counts_is_refused(to
 
     def subset_stream(pick):
         chosen = frozenset(shard_keys[pick] for shard_keys in by_shard)  # one clip of each shard
-        return ShardStream(ShardSource(split, keys=chosen, counts=[1, 1, 1, 1]), _key_and_draw, seed=0,
-                           shuffle=True, batch_size=1)
+        return TrainingStream(ShardSource(split, keys=chosen, counts=[1, 1, 1, 1]), _key_and_draw, seed=0,
+                              shuffle=True, batch_size=1)
 
     state = subset_stream(0).state_dict()
     subset_stream(0).load_state_dict(state)
@@ -416,6 +421,6 @@ def test_label_shards_out_of_line_stop_the_run_even_when_skipping(tmp_path):
     for workers in (0, 2):
         with pytest.raises(ShardError, match=r"labels-000002.tar has key 'renamed' at position 3"):
             for rank in range(2):
-                stream = ShardStream(ShardSource(split, labels_dir=labels), _key_and_cls, seed=7, shuffle=True,
-                                     rank=rank, world=2, workers=workers, batch_size=5, shuffle_buffer=4)
+                stream = TrainingStream(ShardSource(split, labels_dir=labels), _key_and_cls, seed=7, shuffle=True,
+                                        rank=rank, world=2, workers=workers, batch_size=5, shuffle_buffer=4)
                 _epoch(stream, 0)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from unfused_dist.config import load_config
-from unfused_dist.data.loader import label_shard_name
+from unfused_dist.data.source import label_shard_name
 from unfused_dist.data.manifest import DatasetManifest
 from unfused_dist.data.shards import iter_shard
 

@@ -32,7 +32,7 @@ def _run_cfg(root: Path, split: Path, run: Path, k: int = 2):
 
 
 def _label_keys(ldir: Path, split: Path) -> list[list[str]]:
-    from unfused_dist.data.loader import label_shard_name
+    from unfused_dist.data.source import label_shard_name
     from unfused_dist.data.manifest import DatasetManifest
     from unfused_dist.data.shards import iter_shard
 
@@ -44,7 +44,7 @@ def _label_keys(ldir: Path, split: Path) -> list[list[str]]:
 def test_a_rebuilt_dataset_is_re_embedded_and_its_label_shards_stay_aligned(tmp_path):
     from shards_tools.build import build
     from shards_tools.verify import verify_split
-    from unfused_dist.data.loader import ShardSource
+    from unfused_dist.data.source import ShardSource
     from unfused_dist.stages import distill, pseudolabel
 
     split = build_noise_dataset(tmp_path / "data", 12, shard_samples=4)
@@ -78,7 +78,7 @@ def test_labels_of_other_keys_than_the_manifests_say_to_re_run_the_pseudolabel_s
 # ---- bug: runs whose folders share a name shared one label directory ----------------------------------
 
 def test_two_runs_with_the_same_folder_name_keep_their_own_label_shards(tmp_path):
-    from unfused_dist.data.loader import ShardSource
+    from unfused_dist.data.source import ShardSource
     from unfused_dist.stages import distill, pseudolabel
 
     split = build_noise_dataset(tmp_path / "data", 12, shard_samples=4)
@@ -114,7 +114,7 @@ def test_distill_refuses_label_shards_another_fit_wrote_and_runs_only_after_pseu
 def test_an_embedding_float16_cannot_hold_is_refused_naming_shard_and_key(tmp_path, value):
     from unfused_dist.cluster import dump
     from unfused_dist.config import load_config
-    from unfused_dist.data.loader import ShardSource
+    from unfused_dist.data.source import ShardSource
     from unfused_dist.data.transforms import WithShard, eval_transform
 
     split = build_noise_dataset(tmp_path / "data", 8, shard_samples=4)
@@ -139,7 +139,7 @@ def test_an_embedding_float16_cannot_hold_is_refused_naming_shard_and_key(tmp_pa
 def test_a_non_finite_embedding_already_in_a_dump_is_refused_when_read(tmp_path):
     from unfused_dist.cluster import dump
     from unfused_dist.config import load_config
-    from unfused_dist.data.loader import ShardSource
+    from unfused_dist.data.source import ShardSource
     from unfused_dist.data.transforms import WithShard, eval_transform
 
     split = build_noise_dataset(tmp_path / "data", 8, shard_samples=4)

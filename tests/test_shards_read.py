@@ -7,7 +7,9 @@ import pytest
 from conftest import read_tar, write_tar
 
 from unfused_dist.cluster.labels import write_label_shards
-from unfused_dist.data.loader import ShardSource, ShardStream, assign_shards, label_shard_name
+from unfused_dist.data.order import assign_shards
+from unfused_dist.data.source import ShardSource, label_shard_name
+from unfused_dist.data.stream import EvaluationStream, TrainingStream
 from unfused_dist.data.manifest import DatasetManifest
 from unfused_dist.data.shards import LabelAlignmentError, ShardError, iter_shard
 
@@ -30,10 +32,10 @@ def test_ranks_read_disjoint_samples_and_the_same_number_of_batches(tone_dataset
     seen = []
     counts = []
     for rank in range(2):
-        stream = ShardStream(ShardSource(split), lambda s, rng: s.key, seed=1, shuffle=True, rank=rank, world=2)
+        stream = EvaluationStream(ShardSource(split), lambda s, rng: s.key, seed=1, shuffle=True, rank=rank, world=2)
         seen.append(list(stream))
-        train = ShardStream(ShardSource(split), lambda s, rng: s.key, seed=1, shuffle=True, rank=rank, world=2,
-                            batch_size=2)
+        train = TrainingStream(ShardSource(split), lambda s, rng: s.key, seed=1, shuffle=True, rank=rank, world=2,
+                               batch_size=2)
         counts.append((len(list(train)) // 2, train.batches_per_epoch()))
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(_keys(split))
@@ -68,13 +70,13 @@ def test_a_pickle_member_is_refused_not_loaded(tone_dataset, append_member, tmp_
     append_member(shard, f"evil.{ext}", payload)
     with pytest.raises(ShardError, match=rf"{shard}: member 'evil.{ext}' is not audio/json/text/int"):
         list(iter_shard(shard))
-    stream = ShardStream(ShardSource(split), lambda s, rng: s.key, seed=0, shuffle=False, workers=0,
-                         bad_samples="fail")
+    stream = EvaluationStream(ShardSource(split), lambda s, rng: s.key, seed=0, shuffle=False, workers=0,
+                              bad_samples="fail")
     with pytest.raises(ShardError, match=rf"member 'evil.{ext}'"):
         list(stream)
     # skipping bad samples: the shard's samples before the member still arrive, and the refusal is logged
     caplog.clear()
-    skipping = ShardStream(ShardSource(split), lambda s, rng: s.key, seed=0, shuffle=False, workers=0)
+    skipping = EvaluationStream(ShardSource(split), lambda s, rng: s.key, seed=0, shuffle=False, workers=0)
     assert len(list(skipping)) == sum(ShardSource(split).counts)
     assert f"{shard}: member 'evil.{ext}' is not audio/json/text/int" in caplog.text
     assert not marker.exists()

@@ -15,7 +15,7 @@ import pytest
 from shards_tools.build import build
 from shards_tools.verify import VerifyError, verify, verify_split
 from unfused_dist.cluster.labels import write_label_shards
-from unfused_dist.data.loader import label_shard_name
+from unfused_dist.data.source import label_shard_name
 from unfused_dist.data.manifest import DatasetManifest
 from unfused_dist.data.shards import iter_shard
 

@@ -19,7 +19,9 @@ import torch
 from tqdm import tqdm
 
 from ..artefacts import atomic_write_text, exclusive_lock
-from ..data.loader import ShardSource, ShardStream, ShardSubset, make_loader
+from ..data.loader import make_loader
+from ..data.source import ShardSource, ShardSubset
+from ..data.stream import EvaluationStream
 from ..errors import UnfusedError
 
 TEACHER = "teacher.json"
@@ -82,7 +84,7 @@ def dump(embed, source: ShardSource, shards: list[int], directory: Path, transfo
     if not todo:
         return 0
     subset = ShardSubset(source, todo)
-    stream = ShardStream(subset, transform, seed=0, shuffle=False, workers=workers)
+    stream = EvaluationStream(subset, transform, seed=0, shuffle=False, workers=workers)
     pending: dict[str, dict] = {}  # shard path -> rows so far (a worker delivers a shard's clips in order)
     expected = {str(source.path(i)): (source.counts[i], source.manifest.shards[i].sha256) for i in todo}
     with tqdm(total=sum(subset.counts), desc=desc, unit="clip", disable=not progress, dynamic_ncols=True) as bar, \

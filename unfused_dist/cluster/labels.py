@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.loader import label_shard_name
+from ..data.source import label_shard_name
 from ..data.manifest import DatasetManifest, ShardInfo
 from ..data.shardwriter import TarShard
 from ..errors import UnfusedError

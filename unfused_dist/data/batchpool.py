@@ -11,7 +11,7 @@ are still unconsumed the batch goes torch's way instead: nothing ever waits on t
 from 0.86-1.05 to 1.01-1.17 of a per-file DataLoader (benchmarks/RESULTS.md).
 
 The pool is per worker process and learns of a new iteration from the dataset (`new_iteration()`, called
-by ShardStream.__iter__): then the DataLoader has dropped the last iteration's unconsumed batches, and the
+by the streams' __iter__): then the DataLoader has dropped the last iteration's unconsumed batches, and the
 training process has forgotten the buffers it was sent.
 
 A loader may also mix rows among consecutive batches (`PooledLoader.mixing`, which the training loader uses

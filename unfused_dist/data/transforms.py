@@ -1,7 +1,7 @@
 """Per-sample transforms run inside DataLoader workers: RawSample -> the tuple a batch is collated from.
 
 They are small frozen dataclasses, not closures, because the workers start from a fork server (see
-`data.loader.WORKER_CONTEXT`) and receive the stream, transform included, pickled."""
+`data.workers.WORKER_CONTEXT`) and receive the stream, transform included, pickled."""
 from __future__ import annotations
 
 from dataclasses import dataclass

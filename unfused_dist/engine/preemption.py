@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+from ..job_signals import SIGNALS
 
 
 class Preempted(SystemExit):
@@ -35,10 +35,3 @@ class PreemptionSignals:
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-
-
-def ignore_in_workers(_worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: a batch scheduler signals every process of the job; the workers must
-    not die of it before the main process has saved."""
-    for s in SIGNALS:
-        signal.signal(s, signal.SIG_IGN)

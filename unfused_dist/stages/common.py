@@ -11,7 +11,9 @@ from tqdm import tqdm
 
 from ..audio.frontend import FrontendConfig, LogMel, Normalizer, centre_crop
 from ..config import Config
-from ..data.loader import ShardSource, ShardStream, make_loader
+from ..data.loader import make_loader
+from ..data.source import ShardSource
+from ..data.stream import EvaluationStream, TrainingStream
 from ..metrics.exporter import Metrics, stage_metrics
 from ..data.transforms import eval_transform
 from ..artefacts import mark_done
@@ -61,8 +63,8 @@ def embed_split(encoder: AudioNTT, features: Features, source: ShardSource, cfg:
     device = rank_device()
     place(encoder, device).eval()
     place(features, device)
-    stream = ShardStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), seed=0, shuffle=False,
-                         workers=cfg.data.num_workers)
+    stream = EvaluationStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), seed=0, shuffle=False,
+                              workers=cfg.data.num_workers)
     loader = make_loader(stream, cfg.data.eval_batch_size)
     keys, embs, labels = [], [], []
     with tqdm(total=sum(source.counts), desc=desc, unit="clip", disable=not is_main(), dynamic_ncols=True) as bar:
@@ -106,16 +108,16 @@ def split_dir(cfg: Config, split: str) -> Path:
     return Path(cfg.data.target) / split
 
 
-def training_stream(cfg: Config, source: ShardSource, transform, batch_size: int) -> ShardStream:
+def training_stream(cfg: Config, source: ShardSource, transform, batch_size: int) -> TrainingStream:
     """This rank's shuffled training stream, as the data config says."""
     rank, world = init_distributed(cfg.run.device)
     d = cfg.data
-    return ShardStream(source, transform, cfg.run.seed, shuffle=True, rank=rank, world=world,
-                       workers=d.num_workers, batch_size=batch_size, shuffle_buffer=d.shuffle_buffer,
-                       bad_samples=d.bad_samples, resampled=d.resampled)
+    return TrainingStream(source, transform, cfg.run.seed, shuffle=True, rank=rank, world=world,
+                          workers=d.num_workers, batch_size=batch_size, shuffle_buffer=d.shuffle_buffer,
+                          bad_samples=d.bad_samples, resampled=d.resampled)
 
 
-def epoch_batches(stream: ShardStream, metrics: Metrics):
+def epoch_batches(stream: TrainingStream, metrics: Metrics):
     """`batches(epoch, start)` for Trainer.fit, counting the bad samples the workers skipped."""
     loader = make_loader(stream)
 

@@ -12,7 +12,7 @@ from ..artefacts import is_done, read_done, reset
 from ..audio.augment import Augmenter
 from ..run_layout import RunLayout
 from ..config import Config, DistillConfig
-from ..data.loader import ShardSource
+from ..data.source import ShardSource
 from ..models.encoder import AudioNTT
 from ..models.heads import shallow_head
 from ..objectives.distill import DistillWeights, distillation_loss

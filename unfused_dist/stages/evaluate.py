@@ -16,7 +16,9 @@ from ..audio.frontend import LogMel
 from ..run_layout import RunLayout
 from ..config import Config
 from ..errors import MissingArtefactError
-from ..data.loader import ShardSource, ShardStream, make_loader
+from ..data.loader import make_loader
+from ..data.source import ShardSource
+from ..data.stream import EvaluationStream
 from ..metrics.report import plot_accuracies, plot_losses, results_markdown
 from ..data.transforms import eval_transform
 from .common import labelled_subset, split_dir
@@ -51,8 +53,8 @@ def run(cfg: Config) -> dict:
 @torch.no_grad()
 def _logmel_stats(cfg: Config, source: ShardSource) -> tuple[np.ndarray, np.ndarray]:
     logmel = LogMel(cfg.audio)
-    stream = ShardStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), 0, shuffle=False,
-                         workers=cfg.data.num_workers)
+    stream = EvaluationStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), 0, shuffle=False,
+                              workers=cfg.data.num_workers)
     xs, ys = [], []
     for wave, label, _ in make_loader(stream, 256):
         m = logmel(wave)[:, 0]

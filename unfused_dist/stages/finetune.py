@@ -13,7 +13,9 @@ from torch import nn
 from ..artefacts import atomic_write_text, mark_done, reset
 from ..config import Config
 from ..errors import UnfusedError
-from ..data.loader import ShardSource, ShardStream, make_loader
+from ..data.loader import make_loader
+from ..data.source import ShardSource
+from ..data.stream import EvaluationStream
 from ..engine.distributed import barrier, init_distributed, is_main
 from ..engine.export import load_encoder
 from ..engine.device import to_device
@@ -169,8 +171,8 @@ def _labelled(cfg: Config, split: str) -> ShardSource:
 def accuracy(model: Classifier, split: str, cfg: Config) -> float:
     model.eval()
     source = _labelled(cfg, split)
-    stream = ShardStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), seed=0, shuffle=False,
-                         workers=cfg.data.num_workers)
+    stream = EvaluationStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), seed=0, shuffle=False,
+                              workers=cfg.data.num_workers)
     device = next(model.parameters()).device
     correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device, read once
     total = 0

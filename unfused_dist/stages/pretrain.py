@@ -10,7 +10,7 @@ from ..artefacts import reset
 from ..audio.augment import Augmenter
 from ..run_layout import RunLayout
 from ..config import Config, ConfigError, PretrainConfig
-from ..data.loader import ShardSource
+from ..data.source import ShardSource
 from ..models.encoder import AudioNTT
 from ..models.heads import cluster_head
 from ..objectives.ssl import slicer_loss

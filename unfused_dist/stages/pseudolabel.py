@@ -25,7 +25,7 @@ from ..cluster.kmeans import init_centroids, lloyd, search_fn
 from ..cluster.labels import write_label_shard
 from ..cluster.pca import Whitening, fit_whitening
 from ..config import Config
-from ..data.loader import ShardSource
+from ..data.source import ShardSource
 from ..data.transforms import WithShard, eval_transform
 from ..engine.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, is_main
 from ..engine.device import place, rank_device, to_device
