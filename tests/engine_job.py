@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unfused_dist.config import EngineConfig, OptimConfig
-from unfused_dist.data.loader import make_loader
+from unfused_dist.data.loader import EpochLoader
 from unfused_dist.data.source import ShardSource
 from unfused_dist.data.stream import TrainingStream
 from unfused_dist.engine.export import full_state_dict
@@ -101,23 +101,23 @@ def main() -> None:
     log = open(out / f"keys-{args.name}-rank{rank}.jsonl", "a")
     _log_saves(trainer, out / f"saves-{args.name}.txt", rank, args.kill_in_save)
 
-    loader = make_loader(stream)
+    class Logged(EpochLoader):
+        """The stream's batches, each logged with its keys; the kills and the NaN the test asked for."""
 
-    def batches(epoch, start):
-        stream.set_position(epoch, start)
-        for i, (x, y, keys) in enumerate(loader, start=start):
-            g = epoch * steps + i
-            if g == args.kill_at and rank == 0:
-                os.killpg(os.getpgid(0), signal.SIGKILL)
-            if g == args.sigterm_at and rank == world - 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-            log.write(json.dumps({"step": g, "keys": keys}) + "\n")
-            log.flush()
-            if 0 <= args.nan_at <= g and rank == world - 1:
-                x = x * float("nan")
-            yield x, y
+        def batches(self, epoch, start):
+            for i, (x, y, keys) in enumerate(super().batches(epoch, start), start=start):
+                g = epoch * steps + i
+                if g == args.kill_at and rank == 0:
+                    os.killpg(os.getpgid(0), signal.SIGKILL)
+                if g == args.sigterm_at and rank == world - 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                log.write(json.dumps({"step": g, "keys": keys}) + "\n")
+                log.flush()
+                if 0 <= args.nan_at <= g and rank == world - 1:
+                    x = x * float("nan")
+                yield x, y
 
-    progress = trainer.fit(batches, steps, args.epochs, 4, data_layout=stream.layout())
+    progress = trainer.fit(Logged(stream), steps, args.epochs, 4)
     state = full_state_dict(trainer.module, args.zero)  # collective under ZeRO-3
     if rank == 0:
         torch.save(state, out / "final.pt")

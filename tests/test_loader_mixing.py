@@ -92,12 +92,11 @@ def test_a_position_saved_under_the_old_ordering_rules_is_refused(sorted_split):
     """Before issue 18 the buffer yielded early and batches were not mixed across workers: the same position
     lands on other samples now, so a resume from such a checkpoint must be refused, saying why."""
     from unfused_dist.data.stream import ORDER_VERSION, LoaderStateError
-    from unfused_dist.engine.trainer import _layout_change
 
     stream = TrainingStream(ShardSource(sorted_split), _crop_label_key, seed=0, shuffle=True, workers=2, batch_size=8)
     old = {k: v for k, v in stream.state_dict().items() if k != "order_version"}
-    with pytest.raises(LoaderStateError, match=f"order_version None -> {ORDER_VERSION}"):
+    with pytest.raises(LoaderStateError, match=f"order_version None -> {ORDER_VERSION}") as refused:
         stream.load_state_dict(old)
-    message = _layout_change({k: v for k, v in stream.layout().items() if k != "order_version"}, stream.layout())
-    assert f"order_version None -> {ORDER_VERSION}" in message and "move the stage's ckpt/ away" in message
-    assert "workers 1 -> 2" in _layout_change({**stream.layout(), "workers": 1}, stream.layout())
+    assert "move the stage's ckpt/ away" in str(refused.value)
+    with pytest.raises(LoaderStateError, match="workers 1 -> 2"):
+        stream.load_state_dict({**stream.state_dict(), "workers": 1})

@@ -89,9 +89,10 @@ def dump(embed, source: ShardSource, shards: list[int], directory: Path, transfo
     expected = {str(source.path(i)): (source.counts[i], source.manifest.shards[i].sha256) for i in todo}
     with tqdm(total=sum(subset.counts), desc=desc, unit="clip", disable=not progress, dynamic_ncols=True) as bar, \
             torch.inference_mode():
-        for wave, labels, keys, paths in make_loader(stream, batch_size):
-            emb = to_float16(embed(wave).float().cpu().numpy(), keys, paths)
-            for row, label, key, path in zip(emb, labels.tolist(), keys, paths):
+        for batch in make_loader(stream, batch_size):
+            keys, paths = batch.key, batch.shard
+            emb = to_float16(embed(batch.wave).float().cpu().numpy(), keys, paths)
+            for row, label, key, path in zip(emb, batch.label.tolist(), keys, paths):
                 part = pending.setdefault(path, {"rows": [], "labels": [], "keys": []})
                 part["rows"].append(row)
                 part["labels"].append(label)

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, default_collate, get_worker_info
 
 
 def collate(items: list) -> tuple:
-    """Items are tuples of (np.ndarray | int | str); stack arrays, tensor ints, list strings. In a worker,
+    """Items are tuples (a batch kind, data.transforms, or plain) of (np.ndarray | int | str); field by field,
+    stack arrays, tensor ints, list strings, into a batch of the items' kind. In a worker,
     arrays go into a pooled buffer when one is free, else through torch's default_collate (which in a worker
     stacks straight into a new shared-memory segment)."""
     pool = BatchPool.in_this_worker() if get_worker_info() is not None else None
@@ -43,7 +44,12 @@ def collate(items: list) -> tuple:
             out.append(torch.tensor(col, dtype=torch.long))
         else:
             out.append(list(col))
-    return tuple(out)
+    return same_kind(items[0], out)
+
+
+def same_kind(like: tuple, fields) -> tuple:
+    """`fields` as a batch of the kind of `like` (a NamedTuple batch kind, or a plain tuple)."""
+    return like._make(fields) if hasattr(like, "_make") else tuple(fields)
 
 
 def new_iteration() -> None:
@@ -141,7 +147,7 @@ class PooledLoader(DataLoader):
 
     def _copied_out(self, batches: Iterator[tuple]) -> Iterator[tuple]:
         for batch in batches:
-            yield tuple(self._take(col) if isinstance(col, Pooled) else col for col in batch)
+            yield same_kind(batch, [self._take(col) if isinstance(col, Pooled) else col for col in batch])
 
     def _mixed_out(self, batches: Iterator[tuple], mixing: Mixing) -> Iterator[tuple]:
         skip, r = mixing.skip, mixing.first_round
@@ -149,7 +155,7 @@ class PooledLoader(DataLoader):
             order = mixing.order(r)
             columns = [self._mix_column(pieces, order) for pieces in zip(*round_)]
             for batch in list(zip(*columns))[skip:]:
-                yield batch
+                yield same_kind(round_[0], batch)
             skip, r = 0, r + 1
 
     def _mix_column(self, pieces: tuple, order: np.ndarray) -> list:

@@ -64,3 +64,30 @@ def _check_picklable(transform: Callable) -> None:
                          "start from a fork server and receive it pickled: make it a module-level function "
                          "or a dataclass with __call__ (see unfused_dist/data/transforms.py), or use "
                          "data.num_workers=0") from None
+
+
+class EpochLoader:
+    """A training stream's batches, epoch by epoch, for the trainer (engine.module.TrainData): `batches(epoch,
+    start)` from a position, and the stream's state (position and layout) to save and to resume from. One
+    DataLoader, made once: its workers persist across epochs. `after_batch` runs after each batch is taken
+    (the stages count the bad samples the workers skipped there)."""
+
+    def __init__(self, stream: TrainingStream, after_batch: Callable[[], None] | None = None):
+        self.stream, self.after_batch = stream, after_batch
+        self.loader = make_loader(stream)
+
+    def batches(self, epoch: int, start: int):
+        self.stream.set_position(epoch, start)
+        for batch in self.loader:
+            if self.after_batch:
+                self.after_batch()
+            yield batch
+
+    def set_position(self, epoch: int, batches_done: int) -> None:
+        self.stream.set_position(epoch, batches_done)
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)

@@ -148,17 +148,27 @@ class TrainingStream(_Stream):
                 "resampled": self.resampled, "order_version": ORDER_VERSION}
 
     def state_dict(self) -> dict:
-        return {**self.layout(), "epoch": self.epoch, "batches_done": self.batches_done}
+        """The position (epoch, batches consumed, and what each worker has delivered of the epoch, for the
+        record) with the layout it is valid for."""
+        lanes, done = self.lanes, self.batches_done
+        delivered = [(done // lanes + (lane < done % lanes)) * self.batch_size for lane in range(lanes)]
+        return {**self.layout(), "epoch": self.epoch, "batches_done": done, "samples_per_worker": delivered}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at `state`'s position; LoaderStateError, naming what changed, when its layout is not this one."""
         if "shard_sizes" not in state:
             raise LoaderStateError(f"{self.source.split_dir}: the checkpoint's loader state is from an older version "
                                    "(no shard sizes; samples were laid out differently then), so its position cannot "
                                    "be resumed exactly; start a new run, or continue from its weights at an epoch start")
-        changed = [f"{k} {state.get(k)} -> {v}" for k, v in self.layout().items() if state.get(k) != v]
+        changed = ", ".join(f"{k} {state.get(k)} -> {v}" for k, v in self.layout().items() if state.get(k) != v)
+        if state.get("order_version") != ORDER_VERSION:
+            raise LoaderStateError(f"{self.source.split_dir}: the data layout changed since the checkpoint ({changed}): "
+                                   "it was written under other rules for putting samples in batches (an earlier "
+                                   "version), so its position cannot be resumed exactly; move the stage's ckpt/ away "
+                                   "to train it afresh")
         if changed:
-            raise LoaderStateError(f"{self.source.split_dir}: the data layout changed since the checkpoint "
-                                   f"({', '.join(changed)}); resume with the same settings or start a new run")
+            raise LoaderStateError(f"{self.source.split_dir}: the data layout changed since the checkpoint ({changed}); "
+                                   "resume with the same data.num_workers, batch size, shuffle settings and shards")
         self.set_position(state["epoch"], state["batches_done"])
 
     def batches_per_lane(self) -> int:

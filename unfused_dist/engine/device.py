@@ -88,6 +88,8 @@ def to_device(batch, device: torch.device):
         if device.type == "cuda" and batch.device.type == "cpu":
             return batch.pin_memory().to(device, non_blocking=True)
         return batch.to(device)
+    if hasattr(batch, "_make"):  # a NamedTuple batch kind
+        return batch._make(to_device(b, device) for b in batch)
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(b, device) for b in batch)
     if isinstance(batch, dict):

@@ -27,7 +27,7 @@ from ..config import EngineConfig, OptimConfig
 from ..errors import UnfusedError
 from ..metrics.exporter import NULL, Metrics
 from .device import place, rank_device, to_device
-from .module import TrainModule
+from .module import InMemoryData, TrainData, TrainModule
 from .precision import autocast
 from .checkpoint import Checkpoints, ResumeError, load_deepspeed_weights_only, rng_state, set_rng_state
 from .distributed import all_gather_object, all_reduce_max, average_buffers, barrier, init_distributed, is_main
@@ -68,7 +68,6 @@ class Trainer:
         self.log = logger(desc)
         self.checkpoints = Checkpoints(ckpt_dir, engine_cfg.keep_checkpoints)
         self.progress = Progress()
-        self.data_layout: dict | None = None
         # Decide how to resume before DeepSpeed partitions anything: a resharded resume loads plain fp32
         # weights into the module (fit then restarts their epoch in the new layout's steps).
         self._resume_from = self.checkpoints.newest_complete()
@@ -100,16 +99,18 @@ class Trainer:
     def module(self) -> TrainModule:
         return self.engine.module
 
-    def fit(self, batches: Callable[[int, int], Iterable], steps_per_epoch: int, epochs: int,
+    def fit(self, data: TrainData | Callable[[int, int], Iterable], steps_per_epoch: int, epochs: int,
             clips_per_step: int, on_epoch_end: Callable[[int], dict] | None = None,
-            max_steps: int = 0, data_layout: dict | None = None, seconds_per_clip: float = 0.0) -> Progress:
+            max_steps: int = 0, seconds_per_clip: float = 0.0) -> Progress:
         """Train `epochs` x `steps_per_epoch` micro-steps (at most `max_steps` if set), resuming from the
-        newest complete checkpoint if any. `batches(epoch, start)` yields the epoch's batches from batch
-        `start` on; `data_layout` (world size, workers, batch size...) must be unchanged for a resume to be
-        exact. `on_epoch_end(epoch)` may return values to log with the epoch's last step. `seconds_per_clip`:
-        the audio in each training clip (its crop), for the audio-seconds throughput metric.
-        Raises Preempted (exit code 0) after saving, when SIGTERM or SIGUSR2 arrived."""
-        self.data_layout, self.seconds_per_clip = data_layout, seconds_per_clip
+        newest complete checkpoint if any. `data.batches(epoch, start)` yields the epoch's batches from batch
+        `start` on, and `data`'s state goes into every checkpoint (a plain function of (epoch, start): batches
+        in memory, with no state of their own). `on_epoch_end(epoch)` may return values to log with the
+        epoch's last step. `seconds_per_clip`: the audio in each training clip (its crop), for the
+        audio-seconds throughput metric. Raises Preempted (exit code 0) after saving, when SIGTERM or SIGUSR2
+        arrived."""
+        self.data = data if hasattr(data, "state_dict") else InMemoryData(data)
+        self.seconds_per_clip = seconds_per_clip
         if self._resume_from:
             self._load(*self._resume_from)
         if self._resharded_from:
@@ -124,7 +125,7 @@ class Trainer:
             while p.global_step < total and p.epoch < epochs:
                 self.module.train()
                 waited = time.perf_counter()
-                for i, batch in enumerate(batches(p.epoch, p.step_in_epoch), start=p.step_in_epoch):
+                for i, batch in enumerate(self.data.batches(p.epoch, p.step_in_epoch), start=p.step_in_epoch):
                     if i >= steps_per_epoch or p.global_step >= total:
                         break
                     last = i + 1 >= steps_per_epoch or p.global_step + 1 >= total  # saved once, below
@@ -150,7 +151,9 @@ class Trainer:
         epoch's last step, which `fit` saves once)."""
         t0 = time.perf_counter()
         with autocast(self.cfg.precision, self.device):
-            loss, logs = self.engine(*to_device(batch, self.device))
+            batch = to_device(batch, self.device)
+            # a batch kind (data.transforms) by field name; a plain tuple (batches in memory) by position
+            loss, logs = self.engine(**batch._asdict()) if hasattr(batch, "_asdict") else self.engine(*batch)
         loss = loss.float()
         self.engine.backward(loss)
         # The step's one host sync and one collective: whether any rank's loss is not finite (read before the
@@ -227,11 +230,11 @@ class Trainer:
         """Collective. Rank 0's client_state holds what all ranks share; each rank's own RNG and module
         state go to its own file (loaded with weights_only=True)."""
         p = self.progress
-        loader = {**(self.data_layout or {}), "rank": self.rank, "epoch": p.epoch, "batches_done": p.step_in_epoch,
-                  "samples_per_worker": _samples_per_worker(self.data_layout, p.step_in_epoch)}
+        self.data.set_position(p.epoch, p.step_in_epoch)  # the next batch's place, whatever the loader has read
+        loader = {"rank": self.rank, **self.data.state_dict()}
         client = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step,
                   "history": p.history, "world_size": self.world, "config_hash": self.config_hash,
-                  "data_layout": self.data_layout, "loaders": all_gather_object(loader)}
+                  "loaders": all_gather_object(loader)}
         # Buffers too: BatchNorm statistics differ per rank until the epoch's end averages them, and DeepSpeed
         # saves rank 0's module only, so without them every other rank would resume with rank 0's.
         rank_state = {"rng": rng_state(), "module": self.module.rank_state(),
@@ -250,8 +253,11 @@ class Trainer:
         path, state = self.engine.load_checkpoint(str(self.checkpoints.dir), tag=tag)
         if path is None:
             raise ResumeError(f"{where}: DeepSpeed could not load this checkpoint; move it away to use an older one")
-        if state.get("data_layout") != self.data_layout:
-            raise ResumeError(f"{where}: {_layout_change(state.get('data_layout'), self.data_layout)}")
+        loaders = state.get("loaders") or []
+        try:
+            self.data.load_state_dict(loaders[self.rank] if self.rank < len(loaders) else {})
+        except ValueError as e:  # the loader's own error (LoaderStateError), naming what changed
+            raise ResumeError(f"{where}: {e}") from None
         p = self.progress
         p.epoch, p.step_in_epoch, p.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         p.history = state["history"]
@@ -303,31 +309,10 @@ class Trainer:
         self._saved_step = p.global_step  # the retagged checkpoint's step
 
 
-def _layout_change(saved: dict | None, now: dict | None) -> str:
-    """Why a checkpoint's data layout cannot be resumed, naming what changed."""
-    saved, now = saved or {}, now or {}
-    changed = ", ".join(f"{k} {saved.get(k)} -> {now.get(k)}" for k in sorted(saved.keys() | now.keys())
-                        if saved.get(k) != now.get(k))
-    if saved.get("order_version") != now.get("order_version"):
-        return (f"the data layout changed since this checkpoint ({changed}): it was written under other rules for "
-                "putting samples in batches (an earlier version), so its position cannot be resumed exactly; move "
-                "the stage's ckpt/ away to train it afresh")
-    return (f"the data layout changed since this checkpoint ({changed}); resume with the same data.num_workers, "
-            "batch size, shuffle settings and shards")
-
-
 def _finite_or_none(v) -> float | None:
     """A logged value for history.json, which must stay valid JSON (no bare NaN)."""
     v = float(v.detach()) if torch.is_tensor(v) else float(v)
     return v if math.isfinite(v) else None
-
-
-def _samples_per_worker(layout: dict | None, batches_done: int) -> list[int]:
-    """Samples each DataLoader worker of this rank has delivered this epoch (workers take batches in turn)."""
-    if not layout or not layout.get("batch_size"):
-        return []
-    lanes = max(layout.get("workers", 0), 1)
-    return [(batches_done // lanes + (lane < batches_done % lanes)) * layout["batch_size"] for lane in range(lanes)]
 
 
 def write_history(progress: Progress, path: Path) -> None:

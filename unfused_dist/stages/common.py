@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from ..audio.frontend import FrontendConfig, LogMel, Normalizer, centre_crop
 from ..config import Config
-from ..data.loader import make_loader
+from ..data.loader import EpochLoader, make_loader
 from ..data.source import ShardSource
 from ..data.stream import EvaluationStream, TrainingStream
 from ..metrics.exporter import Metrics, stage_metrics
@@ -68,13 +68,13 @@ def embed_split(encoder: AudioNTT, features: Features, source: ShardSource, cfg:
     loader = make_loader(stream, cfg.data.eval_batch_size)
     keys, embs, labels = [], [], []
     with tqdm(total=sum(source.counts), desc=desc, unit="clip", disable=not is_main(), dynamic_ncols=True) as bar:
-        for wave, label, key in loader:
-            out = encoder(features(to_device(wave, device)))
+        for batch in loader:
+            out = encoder(features(to_device(batch.wave, device)))
             emb = {"embedding": out.embedding, "mean": out.mean}.get(pooling)
             embs.append((out.blocks[0] if emb is None else emb).cpu().numpy())
-            labels.append(label.numpy())
-            keys += key
-            bar.update(len(key))
+            labels.append(batch.label.numpy())
+            keys += batch.key
+            bar.update(len(batch.key))
     return keys, np.concatenate(embs), np.concatenate(labels)
 
 
@@ -117,16 +117,9 @@ def training_stream(cfg: Config, source: ShardSource, transform, batch_size: int
                           bad_samples=d.bad_samples, resampled=d.resampled)
 
 
-def epoch_batches(stream: TrainingStream, metrics: Metrics):
-    """`batches(epoch, start)` for Trainer.fit, counting the bad samples the workers skipped."""
-    loader = make_loader(stream)
-
-    def batches(epoch: int, start: int):
-        stream.set_position(epoch, start)
-        for batch in loader:
-            metrics.bad_sample("undecodable", stream.take_bad())
-            yield batch
-    return batches
+def epoch_loader(stream: TrainingStream, metrics: Metrics) -> EpochLoader:
+    """The trainer's data: the stream's batches epoch by epoch, counting the bad samples the workers skipped."""
+    return EpochLoader(stream, after_batch=lambda: metrics.bad_sample("undecodable", stream.take_bad()))
 
 
 def train_encoder(cfg: Config, module: nn.Module, encoder: AudioNTT, source: ShardSource, transform, stage,
@@ -140,8 +133,8 @@ def train_encoder(cfg: Config, module: nn.Module, encoder: AudioNTT, source: Sha
     with stage_metrics(cfg, out.name) as metrics:  # closed (target file removed) on Preempted too
         trainer = Trainer(module, cfg.engine, stage.optim, stage.batch_size, total, out / "ckpt", cfg.hash(),
                           desc=out.name, metrics=metrics)
-        progress = trainer.fit(epoch_batches(stream, metrics), steps, epochs, stage.batch_size, max_steps=total,
-                               data_layout=stream.layout(), seconds_per_clip=cfg.audio.crop_seconds)
+        progress = trainer.fit(epoch_loader(stream, metrics), steps, epochs, stage.batch_size, max_steps=total,
+                               seconds_per_clip=cfg.audio.crop_seconds)
     state = full_state_dict(encoder, cfg.engine.zero_stage)  # collective under ZeRO-3: every rank calls it
     if is_main():
         export_encoder(encoder, out, state=state, meta={"stage": out.name, "norm_mean": norm[0], "norm_std": norm[1]})

@@ -35,14 +35,14 @@ class DistillModule(TrainModule):
         self.weights = DistillWeights(cfg.head_ce, cfg.kl, cfg.cosine)
         self.augment = Augmenter(cfg.mixup_ratio, seed)
 
-    def forward(self, wave: torch.Tensor, y: torch.Tensor):
+    def forward(self, wave: torch.Tensor, label: torch.Tensor):
         x = self.augment(self.features(wave))
         out = self.encoder(x)
         z = self.classifier(out.embedding)
         q = [h(b) for h, b in zip(self.heads, out.blocks)]
         with fp32(x):
-            loss = distillation_loss(z.float(), [h.float() for h in q], y, self.weights)
-        return loss, {"acc_pseudo": (z.argmax(1) == y).float().mean()}
+            loss = distillation_loss(z.float(), [h.float() for h in q], label, self.weights)
+        return loss, {"acc_pseudo": (z.argmax(1) == label).float().mean()}
 
     def rank_state(self) -> dict:
         """The augmentation RNG and mixup memory bank: without them a resumed distillation is not exact."""

@@ -56,10 +56,10 @@ def _logmel_stats(cfg: Config, source: ShardSource) -> tuple[np.ndarray, np.ndar
     stream = EvaluationStream(source, eval_transform(cfg.audio, cfg.data.task_seconds), 0, shuffle=False,
                               workers=cfg.data.num_workers)
     xs, ys = [], []
-    for wave, label, _ in make_loader(stream, 256):
-        m = logmel(wave)[:, 0]
+    for batch in make_loader(stream, 256):
+        m = logmel(batch.wave)[:, 0]
         xs.append(torch.cat([m.mean(-1), m.std(-1)], 1).numpy())
-        ys.append(label.numpy())
+        ys.append(batch.label.numpy())
     return np.concatenate(xs), np.concatenate(ys)
 
 

@@ -27,7 +27,7 @@ from ..models.encoder import AudioNTT, count_parameters
 from ..run_layout import RunLayout
 from ..stage_table import Row
 from ..data.transforms import eval_transform, train_transform
-from .common import Features, embed_split, labelled_subset, norm_stats, split_dir, epoch_batches, tensor_batches, \
+from .common import Features, embed_split, labelled_subset, norm_stats, split_dir, epoch_loader, tensor_batches, \
     training_stream
 from ..log import logger
 
@@ -43,10 +43,10 @@ class Classifier(TrainModule):
     def logits(self, wave: torch.Tensor) -> torch.Tensor:
         return self.fc(self.encoder(self.features(wave)).mean)
 
-    def forward(self, wave: torch.Tensor, y: torch.Tensor):
+    def forward(self, wave: torch.Tensor, label: torch.Tensor):
         z = self.logits(wave)
         with fp32(z):
-            return F.cross_entropy(z.float(), y), {"acc": (z.argmax(1) == y).float().mean()}
+            return F.cross_entropy(z.float(), label), {"acc": (z.argmax(1) == label).float().mean()}
 
 
 class LinearProbe(TrainModule):
@@ -114,8 +114,8 @@ def _finetune(cfg, encoder, features, train, n_classes, out):
         return {"val_acc": acc}
 
     with metrics:
-        progress = trainer.fit(epoch_batches(stream, metrics), steps, c.epochs, c.batch_size, on_epoch_end,
-                               data_layout=stream.layout(), seconds_per_clip=cfg.data.task_seconds)
+        progress = trainer.fit(epoch_loader(stream, metrics), steps, c.epochs, c.batch_size, on_epoch_end,
+                               seconds_per_clip=cfg.data.task_seconds)
     result = {}
     if is_main():
         trainer.module.load_state_dict(best.pop("state"))
@@ -176,8 +176,8 @@ def accuracy(model: Classifier, split: str, cfg: Config) -> float:
     device = next(model.parameters()).device
     correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device, read once
     total = 0
-    for wave, label, _ in make_loader(stream, cfg.data.eval_batch_size):
-        wave, label = to_device((wave, label), device)
+    for batch in make_loader(stream, cfg.data.eval_batch_size):
+        wave, label = to_device((batch.wave, batch.label), device)
         correct += (model.logits(wave).argmax(1) == label).sum()
         total += len(label)
     model.train()
