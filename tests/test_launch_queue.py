@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from launchers.submit import LAUNCH_FILE, LOCK_FILE, latest_jobs
+from launchers.submit import latest_jobs
+from unfused_dist.run_layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD = """
@@ -74,7 +75,7 @@ def test_a_refused_job_cancels_what_its_launch_queued_and_a_live_launch_blocks_t
         assert r.returncode == 2 and "[launch]" not in r.stdout, r.stdout + r.stderr
         assert r.stderr.startswith(f"unfused: error: {run}: jobs {pretrain}, ") and "`unfused cancel" in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert len(json.loads((run / LAUNCH_FILE).read_text())) == 2  # the refused launches submitted nothing
+    assert len(json.loads(RunLayout(run).launch_file.read_text())) == 2  # the refused launches submitted nothing
 
     status = _unfused("status", str(run), env=slurm_cluster.env)
     assert status.returncode == 0, status.stderr
@@ -100,14 +101,14 @@ def test_a_failed_job_cancels_the_jobs_waiting_for_it(slurm_cluster, launch, tmp
 def test_cancel_covers_every_launch_and_skips_jobs_slurm_has_forgotten(slurm_cluster, launch, tmp_path):
     run = tmp_path / "run"
     assert launch().returncode == 0
-    launches = json.loads((run / LAUNCH_FILE).read_text())
+    launches = json.loads(RunLayout(run).launch_file.read_text())
     live = sorted({j["job_ids"][0].split("_")[0] for j in launches[0]["jobs"]}, key=int)
     # A later launch of pretrain whose job SLURM no longer knows (purged after MinJobAge, accounting off):
     # an id the controller never handed out looks the same to squeue, sacct and scancel.
     forgotten = str(int(live[-1]) + 10_000)
     launches.append({"id": "later", "cluster": "slurm", "jobs": [
         {"name": "pretrain", "job_ids": [forgotten], "after": [], "array": 0, "folder": "", "submitted": 0}]})
-    (run / LAUNCH_FILE).write_text(json.dumps(launches))
+    RunLayout(run).launch_file.write_text(json.dumps(launches))
 
     r = _unfused("cancel", str(run), env=slurm_cluster.env)
     assert r.returncode == 0 and r.stdout.strip() == f"cancelled {', '.join(live)}", r.stdout + r.stderr
@@ -119,7 +120,7 @@ def test_cancel_covers_every_launch_and_skips_jobs_slurm_has_forgotten(slurm_clu
 def test_a_failing_squeue_refuses_launch_status_and_cancel_and_touches_no_job(slurm_cluster, launch, tmp_path):
     run = tmp_path / "run"
     assert launch().returncode == 0
-    launches = (run / LAUNCH_FILE).read_text()
+    launches = RunLayout(run).launch_file.read_text()
     held = _id(run, "pretrain")
     broken = tmp_path / "empty-slurm.conf"  # a real squeue that fails at once, as with a bad SLURM_CONF
     broken.write_text("")
@@ -127,17 +128,17 @@ def test_a_failing_squeue_refuses_launch_status_and_cancel_and_touches_no_job(sl
     for r in (_unfused("cancel", str(run), env=env), _unfused("status", str(run), env=env), launch(env=env)):
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
         assert "squeue failed" in r.stderr and "SLURM_CONF" in r.stderr, r.stderr
-    assert (run / LAUNCH_FILE).read_text() == launches  # no second launch recorded
+    assert RunLayout(run).launch_file.read_text() == launches  # no second launch recorded
     assert _squeue_state(slurm_cluster, held) == "PENDING"  # nothing cancelled
 
 
 def test_a_second_launch_while_one_is_submitting_is_refused(slurm_cluster, launch, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    with open(run / LOCK_FILE, "w") as held:
+    with open(RunLayout(run).launch_lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # what a launch still checking the queue and submitting holds
         r = launch()
         assert r.returncode != 0 and "another `unfused launch` of this run" in r.stderr, r.stdout + r.stderr
-        assert "Traceback" not in r.stderr and not (run / LAUNCH_FILE).exists()
+        assert "Traceback" not in r.stderr and not RunLayout(run).launch_file.exists()
     assert launch().returncode == 0  # the first launch returned: the next one goes ahead
 
